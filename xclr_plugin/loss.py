@@ -1,0 +1,465 @@
+"""X-Sample Contrastive Loss (X-CLR), two-view form, in lightly's conventions.
+
+This file imports only ``torch`` and ``lightly`` so that it can be proposed upstream as
+``lightly/loss/xclr_loss.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.utils import dist
+from torch import Tensor, nn
+from torch import distributed as torch_dist
+
+__all__ = ["XCLRLoss", "similarity_from_targets", "validate_temperature", "xclr_loss"]
+
+
+class XCLRLoss(nn.Module):
+    """X-Sample Contrastive Loss: contrastive learning with soft cross-sample targets.
+
+    Instead of one positive per anchor (NT-Xent), every other sample in the batch is a
+    soft positive, weighted by how similar the two samples' descriptions are: caption
+    embeddings from a frozen text encoder, or class labels. For view ``a`` of sample
+    ``i`` and every candidate view ``b != a``:
+
+    - logits ``l_ab = <z_a, z_b> / temperature`` (projections L2-normalised),
+    - targets ``G_ab = softmax_{b != a}(S_{i(a) i(b)} / target_temperature)``,
+    - loss ``-(1 / 2B) sum_a sum_{b != a} G_ab log softmax_{b != a}(l_ab)``,
+
+    where ``S`` is the cosine similarity of caption embeddings, or ``1[y_i == y_j]`` for
+    labels, and ``S_ii = 1``. Without targets ``G`` is one-hot on the other view and the
+    loss equals :class:`lightly.loss.NTXentLoss`; with labels and a small
+    ``target_temperature`` it approaches the supervised contrastive loss (SupCon).
+
+    The target matrix is never materialised and the backward keeps a single
+    ``2B x 2B`` buffer, so the loss costs about as much as NT-Xent. It is computed in
+    float32 (float64 for float64 inputs), also under ``torch.autocast``.
+
+    - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
+    - [1] SimCLR, 2020, https://arxiv.org/abs/2002.05709
+    - [2] SupCon, 2020, https://arxiv.org/abs/2004.11362
+
+    Attributes:
+        temperature: Logit temperature ``tau``; finite and > 0.
+        target_temperature: Temperature ``tau_s`` of the target distribution; finite
+            and > 0.
+        memory_bank_size: ``(num_entries, dim)`` to score ``out0`` against ``out1`` and a
+            MoCo-style bank of earlier ``out1`` (as ``NTXentLoss``), or 0 to disable.
+            The bank stores each entry's description next to its embedding.
+        gather_distributed: If True, embeddings (with gradient) and targets (without)
+            are gathered from all processes, so every sample is scored against the
+            global batch. Needs an initialised process group.
+
+    Raises:
+        ValueError: If a temperature is not a finite number > 0, or if
+            ``gather_distributed`` is True but ``torch.distributed`` is unavailable.
+
+    Examples:
+        >>> loss_fn = XCLRLoss(temperature=0.1, target_temperature=0.1)
+        >>> out0, out1 = model(view0), model(view1)        # (B, D) each
+        >>> captions = text_encoder(batch_captions)         # (B, Dt), frozen
+        >>> loss = loss_fn(out0, out1, captions)
+        >>> loss = loss_fn(out0, out1, labels)              # (B,) int: SupCon-like
+        >>> loss = loss_fn(out0, out1)                      # identity graph: NT-Xent
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        target_temperature: float = 0.1,
+        memory_bank_size: int | Sequence[int] = 0,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.temperature = validate_temperature("temperature", temperature)
+        self.target_temperature = validate_temperature("target_temperature", target_temperature)
+        self.gather_distributed = gather_distributed
+        if gather_distributed and not torch_dist.is_available():
+            raise ValueError(
+                "gather_distributed is True but torch.distributed is not available. "
+                "Please set gather_distributed=False or install a torch version with "
+                "distributed support."
+            )
+        self.memory_bank = MemoryBankModule(
+            size=memory_bank_size, gather_distributed=gather_distributed
+        )
+        # Descriptions of the bank entries, allocated on the first batch with targets
+        # (their kind and width are unknown until then). Entries never filled with a
+        # description are unrelated to everything: zero target weight.
+        self.bank_descriptions: Tensor | None
+        self.bank_description_valid: Tensor | None
+        self.register_buffer("bank_descriptions", None, persistent=False)
+        self.register_buffer("bank_description_valid", None, persistent=False)
+
+    def forward(self, out0: Tensor, out1: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Computes the loss of a batch.
+
+        Args:
+            out0: Projections of the first views. Shape: (batch_size, dim).
+            out1: Projections of the second views. Shape: (batch_size, dim).
+            targets: Descriptions of the samples: caption embeddings, shape
+                (batch_size, text_dim), floating point; or class labels, shape
+                (batch_size,), integer; or None for the identity graph (NT-Xent).
+
+        Returns:
+            The mean loss over the ``2 * batch_size`` views, a scalar.
+        """
+        use_bank = self.memory_bank.size[0] > 0
+        gather = self.gather_distributed and dist.world_size() > 1
+        _validate_inputs(out0, out1, targets, allow_single=use_bank or gather)
+        if self.gather_distributed and not torch_dist.is_initialized():
+            raise ValueError(
+                "gather_distributed=True but no torch.distributed process group is "
+                "initialised. Call torch.distributed.init_process_group (DDP and "
+                "Lightning do this) or set gather_distributed=False."
+            )
+        dtype = _compute_dtype(out0.dtype)
+        with torch.autocast(device_type=out0.device.type, enabled=False):
+            out0 = F.normalize(out0.to(dtype), dim=1)
+            out1 = F.normalize(out1.to(dtype), dim=1)
+            if use_bank:
+                return self._forward_memory_bank(out0, out1, targets)
+            if not gather:
+                return xclr_loss(
+                    out0,
+                    out1,
+                    targets,
+                    temperature=self.temperature,
+                    target_temperature=self.target_temperature,
+                )
+            n = out0.shape[0]
+            return xclr_loss(
+                out0,
+                out1,
+                targets,
+                temperature=self.temperature,
+                target_temperature=self.target_temperature,
+                out0_all=torch.cat(dist.gather(out0), dim=0),
+                out1_all=torch.cat(dist.gather(out1), dim=0),
+                targets_all=None if targets is None else _all_gather_detached(targets),
+                rank_offset=dist.rank() * n,
+            )
+
+    def _forward_memory_bank(self, out0: Tensor, out1: Tensor, targets: Tensor | None) -> Tensor:
+        """Anchors ``out0`` against ``[out1_i; bank]``, as ``NTXentLoss`` with a bank."""
+        update = out0.requires_grad
+        ptr = int(self.memory_bank.bank_ptr)
+        out1, bank = self.memory_bank(out1, update=update)
+        assert bank is not None  # the bank is enabled
+        bank = bank.to(device=out0.device, dtype=out0.dtype)  # (dim, num_entries)
+        logits = torch.cat([(out0 * out1).sum(1, keepdim=True), out0 @ bank], dim=1)
+        logits = logits / self.temperature
+        if targets is None:
+            if self.bank_descriptions is not None:
+                raise ValueError(
+                    "targets is None but earlier batches stored descriptions in the "
+                    "memory bank; pass targets for every batch or for none."
+                )
+            return F.cross_entropy(logits, torch.zeros_like(logits[:, 0], dtype=torch.long))
+        descriptions, valid = self._bank_descriptions_for(targets)
+        similarity = torch.cat(
+            [
+                torch.ones_like(logits[:, :1]),
+                similarity_from_targets(targets, descriptions).to(logits.dtype),
+            ],
+            dim=1,
+        )
+        mask = torch.cat([torch.zeros_like(valid[:1]), ~valid])[None, :].expand_as(similarity)
+        target_probs = torch.softmax(
+            (similarity / self.target_temperature).masked_fill(mask, -math.inf), dim=1
+        )
+        log_probs = torch.log_softmax(logits, dim=1)
+        loss = -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(1).mean()
+        if update:
+            self._enqueue_descriptions(targets, ptr)
+        return loss
+
+    def _bank_descriptions_for(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns a snapshot of the bank's descriptions, allocating them on first use."""
+        size = self.memory_bank.size[0]
+        if self.bank_descriptions is None or self.bank_description_valid is None:
+            shape = (size, *targets.shape[1:])
+            dtype = torch.float32 if targets.is_floating_point() else torch.long
+            self.bank_descriptions = torch.zeros(shape, dtype=dtype, device=targets.device)
+            self.bank_description_valid = torch.zeros(size, dtype=torch.bool, device=targets.device)
+        stored = self.bank_descriptions
+        if stored.is_floating_point() != targets.is_floating_point() or (
+            stored.shape[1:] != targets.shape[1:]
+        ):
+            raise ValueError(
+                "targets must be of the same kind as those stored in the memory bank: "
+                f"bank holds {tuple(stored.shape[1:]) or 'labels'} "
+                f"({stored.dtype}), got targets of shape {tuple(targets.shape)} "
+                f"({targets.dtype})."
+            )
+        return stored.clone().to(targets.device), self.bank_description_valid.clone().to(
+            targets.device
+        )
+
+    @torch.no_grad()
+    def _enqueue_descriptions(self, targets: Tensor, ptr: int) -> None:
+        """Writes ``targets`` where ``MemoryBankModule`` wrote the matching embeddings."""
+        assert self.bank_descriptions is not None and self.bank_description_valid is not None
+        if self.gather_distributed and dist.world_size() > 1:
+            targets = _all_gather_detached(targets)
+        size = self.memory_bank.size[0]
+        # Same wrap-around rule as MemoryBankModule._dequeue_and_enqueue.
+        end = min(size, ptr + targets.shape[0])
+        self.bank_descriptions[ptr:end] = targets[: end - ptr].to(self.bank_descriptions)
+        self.bank_description_valid[ptr:end] = True
+
+
+def validate_temperature(name: str, value: float) -> float:
+    """Returns ``value`` as a float if it is a finite number > 0.
+
+    Raises:
+        ValueError: Naming ``name`` and the offending value otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def similarity_from_targets(row_targets: Tensor, col_targets: Tensor | None = None) -> Tensor:
+    """Similarity ``S`` between the descriptions of rows and columns (no gradient).
+
+    Args:
+        row_targets: Float description embeddings ``(n, Dt)`` (normalised here) or
+            integer labels ``(n,)``.
+        col_targets: The same kind for the columns, ``(m, Dt)`` or ``(m,)``; defaults to
+            ``row_targets``.
+
+    Returns:
+        ``(n, m)``: cosine similarities for embeddings (float32, or float64 for float64
+        inputs), ``1[y_i == y_j]`` (float32) for labels. A zero embedding is similar to
+        nothing; it never gives NaN.
+    """
+    cols = row_targets if col_targets is None else col_targets
+    with torch.no_grad():
+        if row_targets.is_floating_point():
+            dtype = _compute_dtype(row_targets.dtype)
+            rows_n = F.normalize(row_targets.detach().to(dtype), dim=1)
+            cols_n = rows_n if col_targets is None else F.normalize(cols.detach().to(dtype), dim=1)
+            return rows_n @ cols_n.T
+        return (row_targets.detach()[:, None] == cols.detach()[None, :]).to(torch.float32)
+
+
+def xclr_loss(
+    out0: Tensor,
+    out1: Tensor,
+    targets: Tensor | None = None,
+    *,
+    temperature: float = 0.1,
+    target_temperature: float = 0.1,
+    out0_all: Tensor | None = None,
+    out1_all: Tensor | None = None,
+    targets_all: Tensor | None = None,
+    rank_offset: int = 0,
+) -> Tensor:
+    """Two-view X-CLR loss on L2-normalised projections: the functional core.
+
+    Rows are the local views ``[out0; out1]``; columns are all samples' views
+    ``[out0_all; out1_all]`` (by default the local ones). Row ``a`` of local sample
+    ``i`` is scored against every column except itself (column ``rank_offset + i`` of
+    its own view). The result is the mean over the ``2n`` local rows, so the mean over
+    processes that each hold a slice of the columns is the loss of the global batch.
+
+    Args:
+        out0: ``(n, D)`` first-view projections, L2-normalised.
+        out1: ``(n, D)`` second-view projections, L2-normalised.
+        targets: ``(n, Dt)`` float caption embeddings, ``(n,)`` integer labels, or None
+            for the identity graph (NT-Xent).
+        temperature: ``tau``.
+        target_temperature: ``tau_s``.
+        out0_all: ``(m, D)`` view-0 columns; defaults to ``out0``.
+        out1_all: ``(m, D)`` view-1 columns; defaults to ``out1``.
+        targets_all: ``(m, ...)`` descriptions of the columns; defaults to ``targets``.
+        rank_offset: Global index of local sample 0 among the columns.
+
+    Returns:
+        The scalar loss, in the dtype of ``out0``.
+    """
+    cols0 = out0 if out0_all is None else out0_all
+    cols1 = out1 if out1_all is None else out1_all
+    weights = None
+    if targets is not None:
+        similarity = similarity_from_targets(targets, targets_all).to(out0.dtype)
+        weights = _target_weights(similarity, target_temperature, rank_offset)
+    loss: Tensor = _XCLRTwoView.apply(out0, out1, cols0, cols1, weights, 1.0 / temperature, rank_offset)
+    return loss
+
+
+def _target_weights(similarity: Tensor, target_temperature: float, rank_offset: int) -> Tensor:
+    """Per-sample target weights ``W`` of shape ``(n, m)``.
+
+    Row ``a`` (either view of local sample ``i``) puts ``G_ab = W[i, j]`` on both views
+    of column sample ``j`` except on itself. Normalising over the ``2m - 1`` candidates
+    gives ``W_ij = E_ij / (2 sum_j E_ij - E_ii)`` with ``E = exp((S - max S) / tau_s)``
+    and ``S_ii = 1``, so the ``2n x 2m`` target matrix never exists.
+    """
+    with torch.no_grad():
+        rows = torch.arange(similarity.shape[0], device=similarity.device)
+        similarity = similarity.clone()
+        similarity[rows, rows + rank_offset] = 1.0
+        scaled = similarity / target_temperature
+        exp_sim = torch.exp(scaled - scaled.amax(dim=1, keepdim=True))
+        norm = 2.0 * exp_sim.sum(dim=1) - exp_sim[rows, rows + rank_offset]
+        return exp_sim / norm[:, None]
+
+
+class _XCLRTwoView(torch.autograd.Function):
+    """Loss and gradient of two-view X-CLR without materialising the targets.
+
+    With ``P`` the softmax of the masked logits and ``sum_b G_ab = 1``, the loss is
+    ``(1/2n) [sum_a LSE_a - sum_ab G_ab l_ab]``. Because ``G`` repeats ``W`` in each
+    view block, the second sum is
+    ``tau^-1 [<s, W s_all> - sum_i W_i,self (z0_i.z0_self + z1_i.z1_self)]`` with
+    ``s = z0 + z1``: two ``n x m x D`` products instead of a second ``2n x 2m`` pass.
+    Only ``P`` is kept for the backward, whose gradient is
+    ``tau^-1 (P - G) cols`` for the rows and ``tau^-1 (P - G)^T rows`` for the columns.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        z0: Tensor,
+        z1: Tensor,
+        c0: Tensor,
+        c1: Tensor,
+        weights: Tensor | None,
+        inv_tau: float,
+        offset: int,
+    ) -> Tensor:
+        n = z0.shape[0]
+        m = c0.shape[0]
+        rows = torch.cat([z0, z1])
+        cols = torch.cat([c0, c1])
+        idx = torch.arange(n, device=z0.device)
+        own = c0[idx + offset], c1[idx + offset]
+        logits = (rows * inv_tau) @ cols.T
+        # A view is not its own candidate: -inf gives it probability exactly 0.
+        logits[idx, idx + offset] = -math.inf
+        logits[idx + n, idx + m + offset] = -math.inf
+        row_max, arg_max = logits.max(dim=1)
+        probs = torch.softmax(logits, dim=1)
+        del logits
+        # LSE_a = max_a - log P_a(argmax); P at the argmax is >= 1 / (2m - 1), never 0.
+        lse = row_max - torch.log(probs.gather(1, arg_max[:, None]).squeeze(1))
+        if weights is None:
+            # Identity graph: all target mass on the other view of the same sample.
+            target_sum = (z0 * own[1]).sum() + (z1 * own[0]).sum()
+        else:
+            w_self = weights[idx, idx + offset]
+            self_dots = (z0 * own[0]).sum(1) + (z1 * own[1]).sum(1)
+            target_sum = ((z0 + z1) * (weights @ (c0 + c1))).sum() - (w_self * self_dots).sum()
+        loss = (lse.sum() - inv_tau * target_sum) / (2 * n)
+        ctx.save_for_backward(probs, rows, cols, weights)
+        ctx.inv_tau = inv_tau  # type: ignore[attr-defined]
+        ctx.offset = offset  # type: ignore[attr-defined]
+        return loss
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        probs, rows, cols, weights = ctx.saved_tensors  # type: ignore[attr-defined]
+        inv_tau: float = ctx.inv_tau  # type: ignore[attr-defined]
+        offset: int = ctx.offset  # type: ignore[attr-defined]
+        n, m = rows.shape[0] // 2, cols.shape[0] // 2
+        idx = torch.arange(n, device=rows.device)
+        z0, z1, c0, c1 = rows[:n], rows[n:], cols[:m], cols[m:]
+        grad_rows = probs @ cols
+        grad_cols = probs.T @ rows
+        if weights is None:
+            grad_rows[:n] -= c1[idx + offset]
+            grad_rows[n:] -= c0[idx + offset]
+            grad_cols[offset + idx] -= z1
+            grad_cols[m + offset + idx] -= z0
+        else:
+            w_self = weights[idx, idx + offset][:, None]
+            weighted_cols = weights @ (c0 + c1)
+            weighted_rows = weights.T @ (z0 + z1)
+            grad_rows[:n] -= weighted_cols - w_self * c0[idx + offset]
+            grad_rows[n:] -= weighted_cols - w_self * c1[idx + offset]
+            grad_cols[:m] -= weighted_rows
+            grad_cols[m:] -= weighted_rows
+            grad_cols[offset + idx] += w_self * z0
+            grad_cols[m + offset + idx] += w_self * z1
+        scale = grad_loss * (inv_tau / (2 * n))
+        grad_rows *= scale
+        grad_cols *= scale
+        return grad_rows[:n], grad_rows[n:], grad_cols[:m], grad_cols[m:], None, None, None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) is computed in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _all_gather_detached(tensor: Tensor) -> Tensor:
+    """Concatenates ``tensor`` from all processes along dim 0, without gradient."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.world_size())]
+    torch_dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _validate_inputs(
+    out0: Tensor, out1: Tensor, targets: Tensor | None, *, allow_single: bool
+) -> None:
+    for name, out in (("out0", out0), ("out1", out1)):
+        if not isinstance(out, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(out).__name__}.")
+        if out.ndim != 2:
+            raise ValueError(
+                f"{name} must be 2-D (batch_size, dim), got shape {tuple(out.shape)}."
+            )
+        if not out.is_floating_point():
+            raise ValueError(f"{name} must have a floating point dtype, got {out.dtype}.")
+    if out0.shape != out1.shape:
+        raise ValueError(
+            f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and "
+            f"{tuple(out1.shape)}."
+        )
+    if out0.device != out1.device:
+        raise ValueError(
+            f"out0 and out1 must be on the same device, got {out0.device} and {out1.device}."
+        )
+    batch_size = out0.shape[0]
+    if batch_size < 2 and not allow_single:
+        raise ValueError(
+            f"out0 and out1 need a batch of at least 2 samples, got batch_size={batch_size}."
+        )
+    if targets is None:
+        return
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"targets must be a torch.Tensor or None, got {type(targets).__name__}.")
+    if targets.device != out0.device:
+        raise ValueError(
+            f"targets must be on the device of out0 ({out0.device}), got {targets.device}."
+        )
+    if targets.ndim not in (1, 2):
+        raise ValueError(
+            "targets must be caption embeddings (batch_size, text_dim) or labels "
+            f"(batch_size,), got shape {tuple(targets.shape)}."
+        )
+    if targets.shape[0] != batch_size:
+        raise ValueError(
+            f"targets must have batch size {batch_size} like out0, got shape "
+            f"{tuple(targets.shape)}."
+        )
+    if targets.ndim == 1 and (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool):
+        raise ValueError(
+            f"1-D targets are class labels and must have an integer dtype, got {targets.dtype}. "
+            "Pass caption embeddings as a 2-D (batch_size, text_dim) float tensor."
+        )
+    if targets.ndim == 2 and not targets.is_floating_point():
+        raise ValueError(
+            f"2-D targets are caption embeddings and must be floating point, got {targets.dtype}."
+        )
