@@ -184,7 +184,8 @@ class XCLRLoss(nn.Module):
         size = self.memory_bank.size[0]
         if self.bank_descriptions is None or self.bank_description_valid is None:
             shape = (size, *targets.shape[1:])
-            dtype = torch.float32 if targets.is_floating_point() else torch.long
+            # Float descriptions follow the embedding bank's dtype (float64 after .double()).
+            dtype = self.memory_bank.bank.dtype if targets.is_floating_point() else torch.long
             self.bank_descriptions = torch.zeros(shape, dtype=dtype, device=targets.device)
             self.bank_description_valid = torch.zeros(size, dtype=torch.bool, device=targets.device)
         stored = self.bank_descriptions

@@ -1,0 +1,314 @@
+"""XCLRLoss against the spec's properties (XCLR_SPEC.md section 1), single process."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightly.loss import NTXentLoss
+
+import _xclr_reference as ref
+from xclr_plugin import XCLRLoss
+from xclr_plugin.functional import soft_target_cross_entropy, target_distribution, xclr_loss
+
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def _views(batch_size: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out0 = torch.randn(batch_size, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    out1 = torch.randn(batch_size, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    return out0, out1
+
+
+def _value_and_grads(
+    loss_fn: torch.nn.Module, out0: torch.Tensor, out1: torch.Tensor, *targets: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    loss = loss_fn(out0, out1, *targets)
+    return (loss.detach(), *torch.autograd.grad(loss, [out0, out1]))
+
+
+def _assert_all_close(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+class TestNTXentIsASpecialCase:
+    """Property 1: with the identity graph XCLRLoss is lightly's NTXentLoss."""
+
+    @pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5, 2.0])
+    @pytest.mark.parametrize("batch_size", [2, 7, 32])
+    def test_values_and_gradients_match(self, temperature: float, batch_size: int) -> None:
+        out0, out1 = _views(batch_size, 16)
+        expected = _value_and_grads(NTXentLoss(temperature=temperature), out0, out1)
+        actual = _value_and_grads(XCLRLoss(temperature=temperature), out0, out1)
+        _assert_all_close(actual, expected)
+
+    def test_memory_bank_matches_over_several_updates(self) -> None:
+        # 3 steps of 4 samples wrap a bank of 10 entries around.
+        torch.manual_seed(0)
+        ntxent = NTXentLoss(temperature=0.2, memory_bank_size=(10, 8)).double()
+        torch.manual_seed(0)
+        xclr = XCLRLoss(temperature=0.2, memory_bank_size=(10, 8)).double()
+        for step in range(4):
+            out0, out1 = _views(4, 8, seed=step)
+            _assert_all_close(_value_and_grads(xclr, out0, out1), _value_and_grads(ntxent, out0, out1))
+        torch.testing.assert_close(xclr.memory_bank.bank, ntxent.memory_bank.bank, **TOL)
+
+    def test_memory_bank_is_not_updated_without_grad(self) -> None:
+        xclr = XCLRLoss(memory_bank_size=(8, 4))
+        before = xclr.memory_bank.bank.clone()
+        with torch.no_grad():
+            xclr(torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 3))
+        torch.testing.assert_close(xclr.memory_bank.bank, before)
+        assert xclr.bank_description_valid is not None
+        assert not xclr.bank_description_valid.any()
+
+
+class TestSoftTargets:
+    """Caption and label targets against the dense transcription of the spec."""
+
+    @pytest.mark.parametrize("kind", ["captions", "labels"])
+    def test_matches_dense_reference(self, kind: str) -> None:
+        out0, out1 = _views(12, 8)
+        targets = torch.randn(12, 5, dtype=torch.float64) if kind == "captions" else torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 5, 5, 1])
+        loss_fn = XCLRLoss(temperature=0.3, target_temperature=0.2)
+        expected = ref.xclr(out0, out1, targets, 0.3, 0.2)
+        expected_grads = torch.autograd.grad(expected, [out0, out1])
+        _assert_all_close(_value_and_grads(loss_fn, out0, out1, targets), (expected.detach(), *expected_grads))
+
+    def test_supcon_is_the_small_target_temperature_limit(self) -> None:
+        """Property 2: labels and tau_s -> 0 give the soft-label SupCon loss."""
+        out0, out1 = _views(10, 6)
+        labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])
+        expected = ref.supcon(out0, out1, labels, temperature=0.1)
+        actual = XCLRLoss(temperature=0.1, target_temperature=1e-4)(out0, out1, labels)
+        torch.testing.assert_close(actual, expected, **TOL)
+
+    def test_identical_captions_are_like_identical_labels(self) -> None:
+        out0, out1 = _views(6, 6)
+        labels = torch.tensor([0, 1, 0, 2, 1, 0])
+        captions = F.one_hot(labels, 3).double()
+        loss_fn = XCLRLoss(target_temperature=0.05)
+        torch.testing.assert_close(loss_fn(out0, out1, captions), loss_fn(out0, out1, labels), **TOL)
+
+    def test_distinct_labels_with_tiny_target_temperature_are_ntxent(self) -> None:
+        out0, out1 = _views(8, 6)
+        expected = NTXentLoss(temperature=0.1)(out0, out1)
+        actual = XCLRLoss(temperature=0.1, target_temperature=1e-3)(out0, out1, torch.arange(8))
+        torch.testing.assert_close(actual, expected, **TOL)
+
+    def test_memory_bank_targets_use_stored_descriptions(self) -> None:
+        loss_fn = XCLRLoss(temperature=0.2, target_temperature=0.5, memory_bank_size=(6, 4)).double()
+        first0, first1 = _views(4, 4, seed=1)
+        first_captions = torch.randn(4, 3, dtype=torch.float64)
+        loss_fn(first0, first1, first_captions)  # fills entries 0..3
+        out0, out1 = _views(4, 4, seed=2)
+        captions = torch.randn(4, 3, dtype=torch.float64)
+        bank = loss_fn.memory_bank.bank.clone()
+        loss = loss_fn(out0, out1, captions)
+
+        z0, z1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+        logits = torch.cat([(z0 * z1).sum(1, keepdim=True), z0 @ bank.T], dim=1) / 0.2
+        sim_bank = F.normalize(captions, dim=1) @ F.normalize(first_captions, dim=1).T
+        sim = torch.cat([torch.ones(4, 1, dtype=torch.float64), sim_bank, torch.full((4, 2), -math.inf, dtype=torch.float64)], dim=1)
+        expected = soft_target_cross_entropy(logits, torch.softmax(sim / 0.5, dim=1))
+        torch.testing.assert_close(loss, expected, **TOL)
+        # The second batch wrapped: entries 4, 5 hold its first two captions, 0..3 the first batch.
+        assert loss_fn.bank_descriptions is not None
+        torch.testing.assert_close(loss_fn.bank_descriptions[4:], captions[:2])
+        torch.testing.assert_close(loss_fn.bank_descriptions[:4], first_captions)
+
+
+class TestBound:
+    """Property 3: loss_a = H(G_a) + KL(G_a || P_a) >= H(G_a)."""
+
+    def test_rows_decompose_into_entropy_plus_kl(self) -> None:
+        out0, out1 = _views(9, 5)
+        captions = torch.randn(9, 4, dtype=torch.float64)
+        target = ref.dense_target(captions, 9, 0.1)
+        log_probs = ref.dense_log_probs(out0, out1, 0.1)
+        positive = target > 0
+        entropy = -torch.where(positive, target * target.log(), 0.0).sum(1)
+        kl = torch.where(positive, target * (target.log() - log_probs), 0.0).sum(1)
+        rows = ref.xclr_rows(out0, out1, captions, 0.1, 0.1)
+        torch.testing.assert_close(rows, entropy + kl, **TOL)
+        assert bool((kl >= -1e-12).all())
+        assert XCLRLoss()(out0, out1, captions) >= entropy.mean() - 1e-12
+
+    def test_equality_when_prediction_equals_target(self) -> None:
+        target = target_distribution(torch.randn(5, 7, dtype=torch.float64), 0.3)
+        entropy = -(target * target.log()).sum(1).mean()
+        torch.testing.assert_close(soft_target_cross_entropy(target.log() + 3.0, target), entropy, **TOL)
+
+
+class TestSymmetryAndEquivariance:
+    """Property 4."""
+
+    @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
+    def test_swapping_views_and_permuting_samples(self, kind: str) -> None:
+        out0, out1 = _views(11, 7)
+        targets = {"none": None, "captions": torch.randn(11, 6, dtype=torch.float64), "labels": torch.randint(0, 3, (11,))}[kind]
+        extra = () if targets is None else (targets,)
+        loss_fn = XCLRLoss(temperature=0.2, target_temperature=0.3)
+        loss = loss_fn(out0, out1, *extra)
+        torch.testing.assert_close(loss_fn(out1, out0, *extra), loss, **TOL)
+        perm = torch.randperm(11, generator=torch.Generator().manual_seed(3))
+        permuted = () if targets is None else (targets[perm],)
+        torch.testing.assert_close(loss_fn(out0[perm], out1[perm], *permuted), loss, **TOL)
+
+
+def _batch_strategy() -> st.SearchStrategy[tuple[int, int, int, float, float, str, int]]:
+    return st.tuples(
+        st.integers(2, 12),  # batch size
+        st.integers(1, 9),  # embedding dim
+        st.integers(1, 6),  # caption dim / number of classes
+        st.floats(0.02, 3.0),  # temperature
+        st.floats(0.01, 3.0),  # target temperature
+        st.sampled_from(["none", "captions", "labels", "zero-captions"]),
+        st.integers(0, 2**31 - 1),  # seed
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(_batch_strategy())
+def test_property_random_batches_match_dense_reference(case: tuple[int, int, int, float, float, str, int]) -> None:
+    batch_size, dim, width, tau, tau_s, kind, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    out0, out1 = _views(batch_size, dim, seed)
+    targets: torch.Tensor | None
+    if kind == "captions":
+        targets = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
+    elif kind == "zero-captions":
+        targets = torch.zeros(batch_size, width, dtype=torch.float64)
+    elif kind == "labels":
+        targets = torch.randint(0, width, (batch_size,), generator=gen)
+    else:
+        targets = None
+    expected = ref.xclr(out0, out1, targets, tau, tau_s)
+    expected_grads = torch.autograd.grad(expected, [out0, out1])
+    extra = () if targets is None else (targets,)
+    actual = _value_and_grads(XCLRLoss(tau, tau_s), out0, out1, *extra)
+    _assert_all_close(actual, (expected.detach(), *expected_grads))
+    assert torch.isfinite(actual[0])
+
+
+class TestGradcheck:
+    @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
+    def test_functional_core(self, kind: str) -> None:
+        out0, out1 = _views(5, 4)
+        targets = {"none": None, "captions": torch.randn(5, 3, dtype=torch.float64), "labels": torch.tensor([0, 1, 0, 2, 1])}[kind]
+
+        def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return xclr_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), targets, temperature=0.3, target_temperature=0.2)
+
+        assert torch.autograd.gradcheck(loss, (out0, out1))
+
+    def test_functional_core_with_foreign_columns(self) -> None:
+        """Rows of one rank against columns of the global batch, as under gathering."""
+        gen = torch.Generator().manual_seed(0)
+        rows0, rows1, cols0, cols1 = (torch.randn(n, 4, generator=gen, dtype=torch.float64, requires_grad=True) for n in (3, 3, 6, 6))
+        captions = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+
+        def loss(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            return xclr_loss(a, b, captions[3:], temperature=0.5, out0_all=c, out1_all=d, targets_all=captions, rank_offset=3)
+
+        assert torch.autograd.gradcheck(loss, (rows0, rows1, cols0, cols1))
+
+
+class TestNumerics:
+    def test_zero_vectors_do_not_give_nan(self) -> None:
+        out0 = torch.zeros(4, 3, requires_grad=True)
+        out1 = torch.zeros(4, 3, requires_grad=True)
+        loss = XCLRLoss()(out0, out1, torch.zeros(4, 5))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert out0.grad is not None and torch.isfinite(out0.grad).all()
+        torch.testing.assert_close(loss, torch.tensor(math.log(7.0)))
+
+    @pytest.mark.parametrize("temperature", [0.01, 0.1])
+    def test_bf16_autocast_computes_in_float32(self, temperature: float) -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 8)
+        x0, x1 = torch.randn(32, 16), torch.randn(32, 16)
+        captions = torch.randn(32, 12)
+        loss_fn = XCLRLoss(temperature=temperature)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out0, out1 = model(x0), model(x1)
+            assert out0.dtype == torch.bfloat16
+            loss = loss_fn(out0, out1, captions.bfloat16())
+        assert loss.dtype == torch.float32
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        expected = loss_fn(out0.float().detach(), out1.float().detach(), captions.bfloat16().float())
+        torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+
+    def test_large_logits_stay_finite(self) -> None:
+        out0, out1 = _views(64, 3)
+        loss = XCLRLoss(temperature=1e-3, target_temperature=1e-3)(out0, out1, torch.randn(64, 4, dtype=torch.float64))
+        assert torch.isfinite(loss)
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("name", ["temperature", "target_temperature"])
+    @pytest.mark.parametrize("value", [0.0, -0.1, math.inf, math.nan, "0.1", None, True])
+    def test_temperatures(self, name: str, value: object) -> None:
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0, got {value!r}"):
+            XCLRLoss(**{name: value})  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        ("out0", "out1", "targets", "message"),
+        [
+            (torch.randn(4, 3), torch.randn(5, 3), None, r"out0 and out1 must have the same shape, got \(4, 3\) and \(5, 3\)"),
+            (torch.randn(4), torch.randn(4), None, r"out0 must be 2-D \(batch_size, dim\), got shape \(4,\)"),
+            (torch.randn(4, 3), torch.randn(4, 3, 1), None, r"out1 must be 2-D \(batch_size, dim\), got shape \(4, 3, 1\)"),
+            (torch.randn(1, 3), torch.randn(1, 3), None, r"batch of at least 2 samples, got batch_size=1"),
+            (torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), None, r"out0 must have a floating point dtype, got torch.int64"),
+            (torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 8), r"targets must have batch size 4 like out0, got shape \(5, 8\)"),
+            (torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0.0, 1.0, 0.0, 1.0]), r"1-D targets are class labels and must have an integer dtype, got torch.float32"),
+            (torch.randn(4, 3), torch.randn(4, 3), torch.ones(4, 2, dtype=torch.long), r"2-D targets are caption embeddings and must be floating point, got torch.int64"),
+            (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 2, 2), r"targets must be caption embeddings .* got shape \(4, 2, 2\)"),
+            (torch.randn(4, 3), torch.randn(4, 3, device="meta"), None, r"out0 and out1 must be on the same device, got cpu and meta"),
+            (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 2, device="meta"), r"targets must be on the device of out0 \(cpu\), got meta"),
+        ],
+    )
+    def test_forward_inputs(self, out0: torch.Tensor, out1: torch.Tensor, targets: torch.Tensor | None, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            XCLRLoss()(out0, out1, targets)
+
+    def test_gather_without_process_group(self) -> None:
+        loss_fn = XCLRLoss(gather_distributed=True)
+        with pytest.raises(ValueError, match="no torch.distributed process group is initialised"):
+            loss_fn(torch.randn(4, 3), torch.randn(4, 3))
+
+    def test_memory_bank_size_must_name_the_dimension(self) -> None:
+        with pytest.raises(ValueError, match="does not specify the feature dimension"):
+            XCLRLoss(memory_bank_size=128)
+
+    def test_memory_bank_refuses_other_target_kinds(self) -> None:
+        loss_fn = XCLRLoss(memory_bank_size=(8, 3))
+        out0 = torch.randn(4, 3, requires_grad=True)
+        loss_fn(out0, torch.randn(4, 3), torch.randn(4, 5))
+        with pytest.raises(ValueError, match="same kind as those stored in the memory bank"):
+            loss_fn(out0, torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
+
+
+def test_loss_module_imports_only_torch_and_lightly() -> None:
+    """The file is meant to go upstream as lightly/loss/xclr_loss.py."""
+    import xclr_plugin.loss
+
+    tree = ast.parse(Path(xclr_plugin.loss.__file__).read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            roots.add(node.module.split(".")[0])
+    assert roots <= {"__future__", "math", "collections", "typing", "torch", "lightly"}, roots
