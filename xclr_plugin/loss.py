@@ -303,16 +303,18 @@ def _target_weights(similarity: Tensor, target_temperature: float, rank_offset: 
     Row ``a`` (either view of local sample ``i``) puts ``G_ab = W[i, j]`` on both views
     of column sample ``j`` except on itself. Normalising over the ``2m - 1`` candidates
     gives ``W_ij = E_ij / (2 sum_j E_ij - E_ii)`` with ``E = exp((S - max S) / tau_s)``
-    and ``S_ii = 1``, so the ``2n x 2m`` target matrix never exists.
+    and ``S_ii = 1``, so the ``2n x 2m`` target matrix never exists. Overwrites
+    ``similarity``.
     """
     with torch.no_grad():
         rows = torch.arange(similarity.shape[0], device=similarity.device)
-        similarity = similarity.clone()
-        similarity[rows, rows + rank_offset] = 1.0
-        scaled = similarity / target_temperature
-        exp_sim = torch.exp(scaled - scaled.amax(dim=1, keepdim=True))
-        norm = 2.0 * exp_sim.sum(dim=1) - exp_sim[rows, rows + rank_offset]
-        return exp_sim / norm[:, None]
+        own = (rows, rows + rank_offset)
+        weights = similarity  # a fresh tensor owned by the caller: reused in place
+        weights[own] = 1.0
+        weights.mul_(1.0 / target_temperature)
+        weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
+        norm = 2.0 * weights.sum(dim=1) - weights[own]
+        return weights.div_(norm[:, None])
 
 
 class _XCLRTwoView(torch.autograd.Function):
@@ -348,11 +350,11 @@ class _XCLRTwoView(torch.autograd.Function):
         # A view is not its own candidate: -inf gives it probability exactly 0.
         logits[idx, idx + offset] = -math.inf
         logits[idx + n, idx + m + offset] = -math.inf
-        row_max, arg_max = logits.max(dim=1)
-        probs = torch.softmax(logits, dim=1)
-        del logits
-        # LSE_a = max_a - log P_a(argmax); P at the argmax is >= 1 / (2m - 1), never 0.
-        lse = row_max - torch.log(probs.gather(1, arg_max[:, None]).squeeze(1))
+        row_max = logits.amax(dim=1)
+        probs = _softmax_(logits)
+        # LSE_a = max_b l_ab - log max_b P_ab (softmax keeps the argmax, and the largest
+        # probability is >= 1 / (2m - 1), so the log never sees 0).
+        lse = row_max - torch.log(probs.amax(dim=1))
         if weights is None:
             # Identity graph: all target mass on the other view of the same sample.
             target_sum = (z0 * own[1]).sum() + (z1 * own[0]).sum()
@@ -397,6 +399,11 @@ class _XCLRTwoView(torch.autograd.Function):
         grad_rows *= scale
         grad_cols *= scale
         return grad_rows[:n], grad_rows[n:], grad_cols[:m], grad_cols[m:], None, None, None
+
+
+def _softmax_(logits: Tensor) -> Tensor:
+    """Row softmax written over ``logits``: the big buffer is allocated once, not twice."""
+    return torch.ops.aten._softmax.out(logits, 1, False, out=logits)  # type: ignore[no-any-return]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
