@@ -15,26 +15,41 @@ from lightly.loss import NTXentLoss
 
 import _xclr_reference as ref
 from xclr_plugin import XCLRLoss
-from xclr_plugin.functional import soft_target_cross_entropy, target_distribution, xclr_loss
+from xclr_plugin.functional import (
+    soft_target_cross_entropy,
+    target_distribution,
+    xclr_loss,
+)
 
 TOL = {"atol": 1e-10, "rtol": 1e-10}
 
 
-def _views(batch_size: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _views(
+    batch_size: int, dim: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    out0 = torch.randn(batch_size, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    out1 = torch.randn(batch_size, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    out0 = torch.randn(
+        batch_size, dim, generator=gen, dtype=torch.float64, requires_grad=True
+    )
+    out1 = torch.randn(
+        batch_size, dim, generator=gen, dtype=torch.float64, requires_grad=True
+    )
     return out0, out1
 
 
 def _value_and_grads(
-    loss_fn: torch.nn.Module, out0: torch.Tensor, out1: torch.Tensor, *targets: torch.Tensor
+    loss_fn: torch.nn.Module,
+    out0: torch.Tensor,
+    out1: torch.Tensor,
+    *targets: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     loss = loss_fn(out0, out1, *targets)
     return (loss.detach(), *torch.autograd.grad(loss, [out0, out1]))
 
 
-def _assert_all_close(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+def _assert_all_close(
+    actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]
+) -> None:
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, **TOL)
 
@@ -44,7 +59,9 @@ class TestNTXentIsASpecialCase:
 
     @pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5, 2.0])
     @pytest.mark.parametrize("batch_size", [2, 7, 32])
-    def test_values_and_gradients_match(self, temperature: float, batch_size: int) -> None:
+    def test_values_and_gradients_match(
+        self, temperature: float, batch_size: int
+    ) -> None:
         out0, out1 = _views(batch_size, 16)
         expected = _value_and_grads(NTXentLoss(temperature=temperature), out0, out1)
         actual = _value_and_grads(XCLRLoss(temperature=temperature), out0, out1)
@@ -58,8 +75,12 @@ class TestNTXentIsASpecialCase:
         xclr = XCLRLoss(temperature=0.2, memory_bank_size=(10, 8)).double()
         for step in range(4):
             out0, out1 = _views(4, 8, seed=step)
-            _assert_all_close(_value_and_grads(xclr, out0, out1), _value_and_grads(ntxent, out0, out1))
-        torch.testing.assert_close(xclr.memory_bank.bank, ntxent.memory_bank.bank, **TOL)
+            _assert_all_close(
+                _value_and_grads(xclr, out0, out1), _value_and_grads(ntxent, out0, out1)
+            )
+        torch.testing.assert_close(
+            xclr.memory_bank.bank, ntxent.memory_bank.bank, **TOL
+        )
 
     def test_memory_bank_is_not_updated_without_grad(self) -> None:
         xclr = XCLRLoss(memory_bank_size=(8, 4))
@@ -77,11 +98,18 @@ class TestSoftTargets:
     @pytest.mark.parametrize("kind", ["captions", "labels"])
     def test_matches_dense_reference(self, kind: str) -> None:
         out0, out1 = _views(12, 8)
-        targets = torch.randn(12, 5, dtype=torch.float64) if kind == "captions" else torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 5, 5, 1])
+        targets = (
+            torch.randn(12, 5, dtype=torch.float64)
+            if kind == "captions"
+            else torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 5, 5, 1])
+        )
         loss_fn = XCLRLoss(temperature=0.3, target_temperature=0.2)
         expected = ref.xclr(out0, out1, targets, 0.3, 0.2)
         expected_grads = torch.autograd.grad(expected, [out0, out1])
-        _assert_all_close(_value_and_grads(loss_fn, out0, out1, targets), (expected.detach(), *expected_grads))
+        _assert_all_close(
+            _value_and_grads(loss_fn, out0, out1, targets),
+            (expected.detach(), *expected_grads),
+        )
 
     def test_supcon_is_the_small_target_temperature_limit(self) -> None:
         """Property 2: labels and tau_s -> 0 give the soft-label SupCon loss."""
@@ -96,16 +124,22 @@ class TestSoftTargets:
         labels = torch.tensor([0, 1, 0, 2, 1, 0])
         captions = F.one_hot(labels, 3).double()
         loss_fn = XCLRLoss(target_temperature=0.05)
-        torch.testing.assert_close(loss_fn(out0, out1, captions), loss_fn(out0, out1, labels), **TOL)
+        torch.testing.assert_close(
+            loss_fn(out0, out1, captions), loss_fn(out0, out1, labels), **TOL
+        )
 
     def test_distinct_labels_with_tiny_target_temperature_are_ntxent(self) -> None:
         out0, out1 = _views(8, 6)
         expected = NTXentLoss(temperature=0.1)(out0, out1)
-        actual = XCLRLoss(temperature=0.1, target_temperature=1e-3)(out0, out1, torch.arange(8))
+        actual = XCLRLoss(temperature=0.1, target_temperature=1e-3)(
+            out0, out1, torch.arange(8)
+        )
         torch.testing.assert_close(actual, expected, **TOL)
 
     def test_memory_bank_targets_use_stored_descriptions(self) -> None:
-        loss_fn = XCLRLoss(temperature=0.2, target_temperature=0.5, memory_bank_size=(6, 4)).double()
+        loss_fn = XCLRLoss(
+            temperature=0.2, target_temperature=0.5, memory_bank_size=(6, 4)
+        ).double()
         first0, first1 = _views(4, 4, seed=1)
         first_captions = torch.randn(4, 3, dtype=torch.float64)
         loss_fn(first0, first1, first_captions)  # fills entries 0..3
@@ -117,7 +151,14 @@ class TestSoftTargets:
         z0, z1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         logits = torch.cat([(z0 * z1).sum(1, keepdim=True), z0 @ bank.T], dim=1) / 0.2
         sim_bank = F.normalize(captions, dim=1) @ F.normalize(first_captions, dim=1).T
-        sim = torch.cat([torch.ones(4, 1, dtype=torch.float64), sim_bank, torch.full((4, 2), -math.inf, dtype=torch.float64)], dim=1)
+        sim = torch.cat(
+            [
+                torch.ones(4, 1, dtype=torch.float64),
+                sim_bank,
+                torch.full((4, 2), -math.inf, dtype=torch.float64),
+            ],
+            dim=1,
+        )
         expected = soft_target_cross_entropy(logits, torch.softmax(sim / 0.5, dim=1))
         torch.testing.assert_close(loss, expected, **TOL)
         # The second batch wrapped: entries 4, 5 hold its first two captions, 0..3 the first batch.
@@ -145,7 +186,9 @@ class TestBound:
     def test_equality_when_prediction_equals_target(self) -> None:
         target = target_distribution(torch.randn(5, 7, dtype=torch.float64), 0.3)
         entropy = -(target * target.log()).sum(1).mean()
-        torch.testing.assert_close(soft_target_cross_entropy(target.log() + 3.0, target), entropy, **TOL)
+        torch.testing.assert_close(
+            soft_target_cross_entropy(target.log() + 3.0, target), entropy, **TOL
+        )
 
 
 class TestSymmetryAndEquivariance:
@@ -154,17 +197,25 @@ class TestSymmetryAndEquivariance:
     @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
     def test_swapping_views_and_permuting_samples(self, kind: str) -> None:
         out0, out1 = _views(11, 7)
-        targets = {"none": None, "captions": torch.randn(11, 6, dtype=torch.float64), "labels": torch.randint(0, 3, (11,))}[kind]
+        targets = {
+            "none": None,
+            "captions": torch.randn(11, 6, dtype=torch.float64),
+            "labels": torch.randint(0, 3, (11,)),
+        }[kind]
         extra = () if targets is None else (targets,)
         loss_fn = XCLRLoss(temperature=0.2, target_temperature=0.3)
         loss = loss_fn(out0, out1, *extra)
         torch.testing.assert_close(loss_fn(out1, out0, *extra), loss, **TOL)
         perm = torch.randperm(11, generator=torch.Generator().manual_seed(3))
         permuted = () if targets is None else (targets[perm],)
-        torch.testing.assert_close(loss_fn(out0[perm], out1[perm], *permuted), loss, **TOL)
+        torch.testing.assert_close(
+            loss_fn(out0[perm], out1[perm], *permuted), loss, **TOL
+        )
 
 
-def _batch_strategy() -> st.SearchStrategy[tuple[int, int, int, float, float, str, int]]:
+def _batch_strategy() -> st.SearchStrategy[
+    tuple[int, int, int, float, float, str, int]
+]:
     return st.tuples(
         st.integers(2, 12),  # batch size
         st.integers(1, 9),  # embedding dim
@@ -178,7 +229,9 @@ def _batch_strategy() -> st.SearchStrategy[tuple[int, int, int, float, float, st
 
 @settings(max_examples=60, deadline=None)
 @given(_batch_strategy())
-def test_property_random_batches_match_dense_reference(case: tuple[int, int, int, float, float, str, int]) -> None:
+def test_property_random_batches_match_dense_reference(
+    case: tuple[int, int, int, float, float, str, int],
+) -> None:
     batch_size, dim, width, tau, tau_s, kind, seed = case
     gen = torch.Generator().manual_seed(seed)
     out0, out1 = _views(batch_size, dim, seed)
@@ -203,21 +256,45 @@ class TestGradcheck:
     @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
     def test_functional_core(self, kind: str) -> None:
         out0, out1 = _views(5, 4)
-        targets = {"none": None, "captions": torch.randn(5, 3, dtype=torch.float64), "labels": torch.tensor([0, 1, 0, 2, 1])}[kind]
+        targets = {
+            "none": None,
+            "captions": torch.randn(5, 3, dtype=torch.float64),
+            "labels": torch.tensor([0, 1, 0, 2, 1]),
+        }[kind]
 
         def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return xclr_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), targets, temperature=0.3, target_temperature=0.2)
+            return xclr_loss(
+                F.normalize(a, dim=1),
+                F.normalize(b, dim=1),
+                targets,
+                temperature=0.3,
+                target_temperature=0.2,
+            )
 
         assert torch.autograd.gradcheck(loss, (out0, out1))
 
     def test_functional_core_with_foreign_columns(self) -> None:
         """Rows of one rank against columns of the global batch, as under gathering."""
         gen = torch.Generator().manual_seed(0)
-        rows0, rows1, cols0, cols1 = (torch.randn(n, 4, generator=gen, dtype=torch.float64, requires_grad=True) for n in (3, 3, 6, 6))
+        rows0, rows1, cols0, cols1 = (
+            torch.randn(n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+            for n in (3, 3, 6, 6)
+        )
         captions = torch.randn(6, 5, generator=gen, dtype=torch.float64)
 
-        def loss(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-            return xclr_loss(a, b, captions[3:], temperature=0.5, out0_all=c, out1_all=d, targets_all=captions, rank_offset=3)
+        def loss(
+            a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
+        ) -> torch.Tensor:
+            return xclr_loss(
+                a,
+                b,
+                captions[3:],
+                temperature=0.5,
+                out0_all=c,
+                out1_all=d,
+                targets_all=captions,
+                rank_offset=3,
+            )
 
         assert torch.autograd.gradcheck(loss, (rows0, rows1, cols0, cols1))
 
@@ -246,46 +323,121 @@ class TestNumerics:
         assert loss.dtype == torch.float32
         loss.backward()
         assert torch.isfinite(loss)
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        expected = loss_fn(out0.float().detach(), out1.float().detach(), captions.bfloat16().float())
+        assert all(
+            torch.isfinite(p.grad).all()
+            for p in model.parameters()
+            if p.grad is not None
+        )
+        expected = loss_fn(
+            out0.float().detach(), out1.float().detach(), captions.bfloat16().float()
+        )
         torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
 
     def test_large_logits_stay_finite(self) -> None:
         out0, out1 = _views(64, 3)
-        loss = XCLRLoss(temperature=1e-3, target_temperature=1e-3)(out0, out1, torch.randn(64, 4, dtype=torch.float64))
+        loss = XCLRLoss(temperature=1e-3, target_temperature=1e-3)(
+            out0, out1, torch.randn(64, 4, dtype=torch.float64)
+        )
         assert torch.isfinite(loss)
 
 
 class TestBadInput:
     @pytest.mark.parametrize("name", ["temperature", "target_temperature"])
-    @pytest.mark.parametrize("value", [0.0, -0.1, math.inf, math.nan, "0.1", None, True])
+    @pytest.mark.parametrize(
+        "value", [0.0, -0.1, math.inf, math.nan, "0.1", None, True]
+    )
     def test_temperatures(self, name: str, value: object) -> None:
-        with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0, got {value!r}"):
+        with pytest.raises(
+            ValueError, match=rf"{name} must be a finite number > 0, got {value!r}"
+        ):
             XCLRLoss(**{name: value})  # type: ignore[arg-type]
 
     @pytest.mark.parametrize(
         ("out0", "out1", "targets", "message"),
         [
-            (torch.randn(4, 3), torch.randn(5, 3), None, r"out0 and out1 must have the same shape, got \(4, 3\) and \(5, 3\)"),
-            (torch.randn(4), torch.randn(4), None, r"out0 must be 2-D \(batch_size, dim\), got shape \(4,\)"),
-            (torch.randn(4, 3), torch.randn(4, 3, 1), None, r"out1 must be 2-D \(batch_size, dim\), got shape \(4, 3, 1\)"),
-            (torch.randn(1, 3), torch.randn(1, 3), None, r"batch of at least 2 samples, got batch_size=1"),
-            (torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), None, r"out0 must have a floating point dtype, got torch.int64"),
-            (torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 8), r"targets must have batch size 4 like out0, got shape \(5, 8\)"),
-            (torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0.0, 1.0, 0.0, 1.0]), r"1-D targets are class labels and must have an integer dtype, got torch.float32"),
-            (torch.randn(4, 3), torch.randn(4, 3), torch.ones(4, 2, dtype=torch.long), r"2-D targets are caption embeddings and must be floating point, got torch.int64"),
-            (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 2, 2), r"targets must be caption embeddings .* got shape \(4, 2, 2\)"),
-            (torch.randn(4, 3), torch.randn(4, 3, device="meta"), None, r"out0 and out1 must be on the same device, got cpu and meta"),
-            (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 2, device="meta"), r"targets must be on the device of out0 \(cpu\), got meta"),
+            (
+                torch.randn(4, 3),
+                torch.randn(5, 3),
+                None,
+                r"out0 and out1 must have the same shape, got \(4, 3\) and \(5, 3\)",
+            ),
+            (
+                torch.randn(4),
+                torch.randn(4),
+                None,
+                r"out0 must be 2-D \(batch_size, dim\), got shape \(4,\)",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3, 1),
+                None,
+                r"out1 must be 2-D \(batch_size, dim\), got shape \(4, 3, 1\)",
+            ),
+            (
+                torch.randn(1, 3),
+                torch.randn(1, 3),
+                None,
+                r"batch of at least 2 samples, got batch_size=1",
+            ),
+            (
+                torch.ones(4, 3, dtype=torch.long),
+                torch.ones(4, 3, dtype=torch.long),
+                None,
+                r"out0 must have a floating point dtype, got torch.int64",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.randn(5, 8),
+                r"targets must have batch size 4 like out0, got shape \(5, 8\)",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.tensor([0.0, 1.0, 0.0, 1.0]),
+                r"1-D targets are class labels and must have an integer dtype, got torch.float32",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.ones(4, 2, dtype=torch.long),
+                r"2-D targets are caption embeddings and must be floating point, got torch.int64",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.randn(4, 2, 2),
+                r"targets must be caption embeddings .* got shape \(4, 2, 2\)",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3, device="meta"),
+                None,
+                r"out0 and out1 must be on the same device, got cpu and meta",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.randn(4, 2, device="meta"),
+                r"targets must be on the device of out0 \(cpu\), got meta",
+            ),
         ],
     )
-    def test_forward_inputs(self, out0: torch.Tensor, out1: torch.Tensor, targets: torch.Tensor | None, message: str) -> None:
+    def test_forward_inputs(
+        self,
+        out0: torch.Tensor,
+        out1: torch.Tensor,
+        targets: torch.Tensor | None,
+        message: str,
+    ) -> None:
         with pytest.raises(ValueError, match=message):
             XCLRLoss()(out0, out1, targets)
 
     def test_gather_without_process_group(self) -> None:
         loss_fn = XCLRLoss(gather_distributed=True)
-        with pytest.raises(ValueError, match="no torch.distributed process group is initialised"):
+        with pytest.raises(
+            ValueError, match="no torch.distributed process group is initialised"
+        ):
             loss_fn(torch.randn(4, 3), torch.randn(4, 3))
 
     def test_memory_bank_size_must_name_the_dimension(self) -> None:
@@ -296,7 +448,9 @@ class TestBadInput:
         loss_fn = XCLRLoss(memory_bank_size=(8, 3))
         out0 = torch.randn(4, 3, requires_grad=True)
         loss_fn(out0, torch.randn(4, 3), torch.randn(4, 5))
-        with pytest.raises(ValueError, match="same kind as those stored in the memory bank"):
+        with pytest.raises(
+            ValueError, match="same kind as those stored in the memory bank"
+        ):
             loss_fn(out0, torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
 
 
@@ -311,4 +465,57 @@ def test_loss_module_imports_only_torch_and_lightly() -> None:
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "math", "collections", "typing", "torch", "lightly"}, roots
+    assert roots <= {
+        "__future__",
+        "math",
+        "collections",
+        "typing",
+        "torch",
+        "lightly",
+    }, roots
+
+
+class TestChunked:
+    """Issue 7: chunk_size changes memory, not values or gradients."""
+
+    @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
+    @pytest.mark.parametrize("chunk_size", [1, 3, 16, 100])
+    def test_float64_matches_whole_batch(self, kind: str, chunk_size: int) -> None:
+        out0, out1 = _views(16, 8)
+        targets = {"none": None, "captions": torch.randn(16, 5, dtype=torch.float64), "labels": torch.randint(0, 4, (16,))}[kind]
+        extra = () if targets is None else (targets,)
+        dense = _value_and_grads(XCLRLoss(0.2, 0.3), out0, out1, *extra)
+        chunked = _value_and_grads(XCLRLoss(0.2, 0.3, chunk_size=chunk_size), out0, out1, *extra)
+        _assert_all_close(chunked, dense)
+        _assert_all_close(dense, (ref.xclr(out0, out1, targets, 0.2, 0.3).detach(), *dense[1:]))
+
+    def test_float32_matches_whole_batch(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        out0 = torch.randn(300, 32, generator=gen, requires_grad=True)
+        out1 = torch.randn(300, 32, generator=gen, requires_grad=True)
+        captions = torch.randn(300, 24, generator=gen)
+        dense = _value_and_grads(XCLRLoss(), out0, out1, captions)
+        chunked = _value_and_grads(XCLRLoss(chunk_size=64), out0, out1, captions)
+        for a, e in zip(chunked, dense, strict=True):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+    def test_gradcheck(self) -> None:
+        out0, out1 = _views(5, 4)
+        captions = torch.randn(5, 3, dtype=torch.float64)
+
+        def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return XCLRLoss(0.3, 0.2, chunk_size=2)(a, b, captions)
+
+        assert torch.autograd.gradcheck(loss, (out0, out1))
+
+    def test_without_grad_matches(self) -> None:
+        out0, out1 = _views(10, 4)
+        captions = torch.randn(10, 3, dtype=torch.float64)
+        with torch.no_grad():
+            value = XCLRLoss(chunk_size=3)(out0, out1, captions)
+        torch.testing.assert_close(value, ref.xclr(out0, out1, captions), **TOL)
+
+    @pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+    def test_bad_chunk_size(self, chunk_size: object) -> None:
+        with pytest.raises(ValueError, match=rf"chunk_size must be a positive integer or None, got {chunk_size!r}"):
+            XCLRLoss(chunk_size=chunk_size)  # type: ignore[arg-type]

@@ -33,13 +33,20 @@ def _global_batch() -> dict[str, Any]:
         "inputs1": torch.randn(GLOBAL_BATCH, 5, generator=gen, dtype=torch.float64),
         "targets": {
             "none": None,
-            "captions": torch.randn(GLOBAL_BATCH, 4, generator=gen, dtype=torch.float64),
+            "captions": torch.randn(
+                GLOBAL_BATCH, 4, generator=gen, dtype=torch.float64
+            ),
             "labels": torch.tensor([0, 1, 0, 2, 1, 1, 3, 0]),
         },
     }
 
 
-def _value_and_grads(loss_fn: torch.nn.Module, out0: torch.Tensor, out1: torch.Tensor, targets: torch.Tensor | None) -> list[torch.Tensor]:
+def _value_and_grads(
+    loss_fn: torch.nn.Module,
+    out0: torch.Tensor,
+    out1: torch.Tensor,
+    targets: torch.Tensor | None,
+) -> list[torch.Tensor]:
     out0 = out0.clone().requires_grad_(True)
     out1 = out1.clone().requires_grad_(True)
     loss = loss_fn(out0, out1) if targets is None else loss_fn(out0, out1, targets)
@@ -51,7 +58,13 @@ def _model() -> torch.nn.Module:
     return torch.nn.Linear(5, 6).double()
 
 
-def _model_grads(model: torch.nn.Module, batch: dict[str, Any], sl: slice, targets: torch.Tensor | None, gather: bool) -> list[torch.Tensor]:
+def _model_grads(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    sl: slice,
+    targets: torch.Tensor | None,
+    gather: bool,
+) -> list[torch.Tensor]:
     loss_fn = XCLRLoss(TEMPERATURE, TARGET_TEMPERATURE, gather_distributed=gather)
     out0, out1 = model(batch["inputs0"][sl]), model(batch["inputs1"][sl])
     loss = loss_fn(out0, out1) if targets is None else loss_fn(out0, out1, targets[sl])
@@ -66,16 +79,24 @@ def _rank_results(rank: int, world_size: int, batch: dict[str, Any]) -> dict[str
     for kind, targets in batch["targets"].items():
         local_targets = None if targets is None else targets[sl]
         loss_fn = XCLRLoss(TEMPERATURE, TARGET_TEMPERATURE, gather_distributed=True)
-        results[kind] = _value_and_grads(loss_fn, batch["out0"][sl], batch["out1"][sl], local_targets)
+        results[kind] = _value_and_grads(
+            loss_fn, batch["out0"][sl], batch["out1"][sl], local_targets
+        )
         ddp = DistributedDataParallel(_model())
         results[f"ddp-{kind}"] = _model_grads(ddp, batch, sl, targets, gather=True)
+        chunked = XCLRLoss(TEMPERATURE, TARGET_TEMPERATURE, gather_distributed=True, chunk_size=1)
+        results[f"chunked-{kind}"] = _value_and_grads(chunked, batch["out0"][sl], batch["out1"][sl], local_targets)
     ntxent = NTXentLoss(TEMPERATURE, gather_distributed=True)
-    results["ntxent"] = _value_and_grads(ntxent, batch["out0"][sl], batch["out1"][sl], None)
+    results["ntxent"] = _value_and_grads(
+        ntxent, batch["out0"][sl], batch["out1"][sl], None
+    )
     return results
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def distributed_run(request: pytest.FixtureRequest) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+def distributed_run(
+    request: pytest.FixtureRequest,
+) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
     world_size: int = request.param
     batch = _global_batch()
     return world_size, batch, run_gloo(_rank_results, world_size, batch)
@@ -83,11 +104,15 @@ def distributed_run(request: pytest.FixtureRequest) -> tuple[int, dict[str, Any]
 
 def _single_process(batch: dict[str, Any], kind: str) -> list[torch.Tensor]:
     loss_fn = XCLRLoss(TEMPERATURE, TARGET_TEMPERATURE)
-    return _value_and_grads(loss_fn, batch["out0"], batch["out1"], batch["targets"][kind])
+    return _value_and_grads(
+        loss_fn, batch["out0"], batch["out1"], batch["targets"][kind]
+    )
 
 
 @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
-def test_mean_of_rank_losses_equals_single_process_loss(distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str) -> None:
+def test_mean_of_rank_losses_equals_single_process_loss(
+    distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str
+) -> None:
     world_size, batch, ranks = distributed_run
     expected_loss = _single_process(batch, kind)[0]
     mean_loss = torch.stack([r[kind][0] for r in ranks]).mean()
@@ -95,7 +120,9 @@ def test_mean_of_rank_losses_equals_single_process_loss(distributed_run: tuple[i
 
 
 @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
-def test_rank_gradients_equal_single_process_gradients(distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str) -> None:
+def test_rank_gradients_equal_single_process_gradients(
+    distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str
+) -> None:
     """Each rank's input gradient, averaged as DDP does (1/W), is its slice of the global gradient."""
     world_size, batch, ranks = distributed_run
     _, grad0, grad1 = _single_process(batch, kind)
@@ -107,17 +134,32 @@ def test_rank_gradients_equal_single_process_gradients(distributed_run: tuple[in
 
 
 @pytest.mark.parametrize("kind", ["none", "captions", "labels"])
-def test_ddp_parameter_gradients_equal_single_process(distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str) -> None:
+def test_ddp_parameter_gradients_equal_single_process(
+    distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str
+) -> None:
     world_size, batch, ranks = distributed_run
-    expected = _model_grads(_model(), batch, slice(None), batch["targets"][kind], gather=False)
+    expected = _model_grads(
+        _model(), batch, slice(None), batch["targets"][kind], gather=False
+    )
     for result in ranks:
         for actual, want in zip(result[f"ddp-{kind}"], expected, strict=True):
             torch.testing.assert_close(actual, want, **TOL)
 
 
-def test_identity_graph_equals_distributed_ntxent(distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]]) -> None:
+def test_identity_graph_equals_distributed_ntxent(
+    distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]],
+) -> None:
     """Property 1, distributed: per rank, values and gradients equal lightly's NTXentLoss."""
     _, _, ranks = distributed_run
     for result in ranks:
         for actual, expected in zip(result["none"], result["ntxent"], strict=True):
+            torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["none", "captions", "labels"])
+def test_chunked_equals_whole_batch_per_rank(distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], kind: str) -> None:
+    """Issue 7: chunk_size under gather_distributed gives the same values and gradients."""
+    _, _, ranks = distributed_run
+    for result in ranks:
+        for actual, expected in zip(result[f"chunked-{kind}"], result[kind], strict=True):
             torch.testing.assert_close(actual, expected, **TOL)

@@ -36,8 +36,9 @@ class XCLRLoss(nn.Module):
     loss equals :class:`lightly.loss.NTXentLoss`; with labels and a small
     ``target_temperature`` it approaches the supervised contrastive loss (SupCon).
 
-    The target matrix is never materialised and the backward keeps a single
-    ``2B x 2B`` buffer, so the loss costs about as much as NT-Xent. It is computed in
+    The target matrix is never materialised and at most one ``2B x 2B`` buffer exists
+    (one ``2 chunk_size x 2B`` block with ``chunk_size``), so the loss costs less than
+    NT-Xent. It is computed in
     float32 (float64 for float64 inputs), also under ``torch.autocast``.
 
     - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
@@ -54,6 +55,10 @@ class XCLRLoss(nn.Module):
         gather_distributed: If True, embeddings (with gradient) and targets (without)
             are gathered from all processes, so every sample is scored against the
             global batch. Needs an initialised process group.
+        chunk_size: If set, the loss and its gradient are computed for this many
+            samples at a time, so peak memory grows linearly with the batch size
+            (``2 * chunk_size x 2B`` floats) instead of quadratically; same values and
+            gradients, about the same speed. None (default) does the whole batch at once.
 
     Raises:
         ValueError: If a temperature is not a finite number > 0, or if
@@ -74,8 +79,14 @@ class XCLRLoss(nn.Module):
         target_temperature: float = 0.1,
         memory_bank_size: int | Sequence[int] = 0,
         gather_distributed: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
         self.temperature = validate_temperature("temperature", temperature)
         self.target_temperature = validate_temperature("target_temperature", target_temperature)
         self.gather_distributed = gather_distributed
@@ -131,6 +142,7 @@ class XCLRLoss(nn.Module):
                     targets,
                     temperature=self.temperature,
                     target_temperature=self.target_temperature,
+                    chunk_size=self.chunk_size,
                 )
             n = out0.shape[0]
             return xclr_loss(
@@ -143,6 +155,7 @@ class XCLRLoss(nn.Module):
                 out1_all=torch.cat(dist.gather(out1), dim=0),
                 targets_all=None if targets is None else _all_gather_detached(targets),
                 rank_offset=dist.rank() * n,
+                chunk_size=self.chunk_size,
             )
 
     def _forward_memory_bank(self, out0: Tensor, out1: Tensor, targets: Tensor | None) -> Tensor:
@@ -263,6 +276,7 @@ def xclr_loss(
     out1_all: Tensor | None = None,
     targets_all: Tensor | None = None,
     rank_offset: int = 0,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Two-view X-CLR loss on L2-normalised projections: the functional core.
 
@@ -283,50 +297,86 @@ def xclr_loss(
         out1_all: ``(m, D)`` view-1 columns; defaults to ``out1``.
         targets_all: ``(m, ...)`` descriptions of the columns; defaults to ``targets``.
         rank_offset: Global index of local sample 0 among the columns.
+        chunk_size: Process this many samples (``2 * chunk_size`` rows) at a time, so
+            memory grows linearly with the batch instead of quadratically; None does
+            the whole batch at once. Values and gradients are the same either way.
 
     Returns:
         The scalar loss, in the dtype of ``out0``.
     """
     cols0 = out0 if out0_all is None else out0_all
     cols1 = out1 if out1_all is None else out1_all
-    weights = None
+    row_desc = col_desc = None
     if targets is not None:
-        similarity = similarity_from_targets(targets, targets_all).to(out0.dtype)
-        weights = _target_weights(similarity, target_temperature, rank_offset)
-    loss: Tensor = _XCLRTwoView.apply(out0, out1, cols0, cols1, weights, 1.0 / temperature, rank_offset)
+        row_desc, col_desc = _descriptions(targets, targets_all, out0.dtype)
+    loss: Tensor = _XCLRTwoView.apply(
+        out0,
+        out1,
+        cols0,
+        cols1,
+        row_desc,
+        col_desc,
+        1.0 / temperature,
+        1.0 / target_temperature,
+        rank_offset,
+        chunk_size or out0.shape[0],
+    )
     return loss
 
 
-def _target_weights(similarity: Tensor, target_temperature: float, rank_offset: int) -> Tensor:
-    """Per-sample target weights ``W`` of shape ``(n, m)``.
+def _descriptions(
+    targets: Tensor, targets_all: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Detached row and column descriptions, caption embeddings normalised."""
+    if not targets.is_floating_point():
+        labels = targets.detach()
+        return labels, labels if targets_all is None else targets_all.detach()
+    rows = F.normalize(targets.detach().to(dtype), dim=1)
+    if targets_all is None:
+        return rows, rows
+    return rows, F.normalize(targets_all.detach().to(dtype), dim=1)
+
+
+def _target_weights(
+    row_desc: Tensor,
+    col_desc: Tensor,
+    inv_tau_s: float,
+    own: tuple[Tensor, Tensor],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Per-sample target weights ``W`` of the rows ``row_desc`` against all columns.
 
     Row ``a`` (either view of local sample ``i``) puts ``G_ab = W[i, j]`` on both views
-    of column sample ``j`` except on itself. Normalising over the ``2m - 1`` candidates
-    gives ``W_ij = E_ij / (2 sum_j E_ij - E_ii)`` with ``E = exp((S - max S) / tau_s)``
-    and ``S_ii = 1``, so the ``2n x 2m`` target matrix never exists. Overwrites
-    ``similarity``.
+    of column sample ``j`` except on itself (column ``own[1][i]``). Normalising over the
+    ``2m - 1`` candidates gives ``W_ij = E_ij / (2 sum_j E_ij - E_i,own)`` with
+    ``E = exp((S - max S) / tau_s)`` and ``S_i,own = 1``, so the ``2n x 2m`` target
+    matrix never exists.
     """
-    with torch.no_grad():
-        rows = torch.arange(similarity.shape[0], device=similarity.device)
-        own = (rows, rows + rank_offset)
-        weights = similarity  # a fresh tensor owned by the caller: reused in place
-        weights[own] = 1.0
-        weights.mul_(1.0 / target_temperature)
-        weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
-        norm = 2.0 * weights.sum(dim=1) - weights[own]
-        return weights.div_(norm[:, None])
+    if row_desc.is_floating_point():
+        weights = row_desc @ col_desc.T
+    else:
+        weights = (row_desc[:, None] == col_desc[None, :]).to(dtype)
+    weights[own] = 1.0
+    weights.mul_(inv_tau_s)
+    weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
+    norm = 2.0 * weights.sum(dim=1) - weights[own]
+    return weights.div_(norm[:, None])
 
 
 class _XCLRTwoView(torch.autograd.Function):
-    """Loss and gradient of two-view X-CLR without materialising the targets.
+    """Loss of two-view X-CLR and its gradient, block by block.
 
     With ``P`` the softmax of the masked logits and ``sum_b G_ab = 1``, the loss is
     ``(1/2n) [sum_a LSE_a - sum_ab G_ab l_ab]``. Because ``G`` repeats ``W`` in each
     view block, the second sum is
-    ``tau^-1 [<s, W s_all> - sum_i W_i,self (z0_i.z0_self + z1_i.z1_self)]`` with
-    ``s = z0 + z1``: two ``n x m x D`` products instead of a second ``2n x 2m`` pass.
-    Only ``P`` is kept for the backward, whose gradient is
-    ``tau^-1 (P - G) cols`` for the rows and ``tau^-1 (P - G)^T rows`` for the columns.
+    ``tau^-1 [<s, W s_all> - sum_i W_i,own (z0_i.z0_own + z1_i.z1_own)]`` with
+    ``s = z0 + z1``: ``n x m x D`` products, never a second ``2n x 2m`` pass.
+
+    The loss is a scalar, so its gradient is known up to the upstream factor as soon as
+    a block's ``P`` exists: ``tau^-1 (P - G) cols`` for the rows and
+    ``tau^-1 (P - G)^T rows`` for the columns. The forward accumulates these per block
+    of ``chunk`` samples and keeps only them (linear in the batch); the backward scales
+    them. Nothing is recomputed, and the peak memory is one ``2 chunk x 2m`` block.
     """
 
     @staticmethod
@@ -336,69 +386,90 @@ class _XCLRTwoView(torch.autograd.Function):
         z1: Tensor,
         c0: Tensor,
         c1: Tensor,
-        weights: Tensor | None,
+        row_desc: Tensor | None,
+        col_desc: Tensor | None,
         inv_tau: float,
+        inv_tau_s: float,
         offset: int,
+        chunk: int,
     ) -> Tensor:
-        n = z0.shape[0]
-        m = c0.shape[0]
-        rows = torch.cat([z0, z1])
+        n, m = z0.shape[0], c0.shape[0]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        want_rows, want_cols = needs[0] or needs[1], needs[2] or needs[3]
         cols = torch.cat([c0, c1])
-        idx = torch.arange(n, device=z0.device)
-        own = c0[idx + offset], c1[idx + offset]
-        logits = (rows * inv_tau) @ cols.T
-        # A view is not its own candidate: -inf gives it probability exactly 0.
-        logits[idx, idx + offset] = -math.inf
-        logits[idx + n, idx + m + offset] = -math.inf
-        row_max = logits.amax(dim=1)
-        probs = _softmax_(logits)
-        # LSE_a = max_b l_ab - log max_b P_ab (softmax keeps the argmax, and the largest
-        # probability is >= 1 / (2m - 1), so the log never sees 0).
-        lse = row_max - torch.log(probs.amax(dim=1))
-        if weights is None:
-            # Identity graph: all target mass on the other view of the same sample.
-            target_sum = (z0 * own[1]).sum() + (z1 * own[0]).sum()
-        else:
-            w_self = weights[idx, idx + offset]
-            self_dots = (z0 * own[0]).sum(1) + (z1 * own[1]).sum(1)
-            target_sum = ((z0 + z1) * (weights @ (c0 + c1))).sum() - (w_self * self_dots).sum()
-        loss = (lse.sum() - inv_tau * target_sum) / (2 * n)
-        ctx.save_for_backward(probs, rows, cols, weights)
-        ctx.inv_tau = inv_tau  # type: ignore[attr-defined]
-        ctx.offset = offset  # type: ignore[attr-defined]
-        return loss
+        s_cols = c0 + c1 if row_desc is not None else None
+        grad_rows = torch.empty_like(torch.cat([z0, z1])) if want_rows else None
+        grad_cols = torch.zeros_like(cols) if want_cols else None
+        total = z0.new_zeros(())
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            c = stop - start
+            idx = torch.arange(start, stop, device=z0.device)
+            local = torch.arange(c, device=z0.device)
+            rows = torch.cat([z0[start:stop], z1[start:stop]])
+            logits = (rows * inv_tau) @ cols.T
+            # A view is not its own candidate: -inf gives it probability exactly 0.
+            logits[local, idx + offset] = -math.inf
+            logits[local + c, idx + m + offset] = -math.inf
+            row_max = logits.amax(dim=1)
+            probs = _softmax_(logits)
+            # LSE = max_b l_ab - log max_b P_ab: softmax keeps the argmax and the largest
+            # probability is >= 1 / (2m - 1), so the log never sees 0.
+            total += (row_max - torch.log(probs.amax(dim=1))).sum()
+            own0, own1 = c0[idx + offset], c1[idx + offset]
+            if row_desc is None:
+                # Identity graph: all target mass on the other view of the same sample.
+                total -= inv_tau * ((z0[start:stop] * own1).sum() + (z1[start:stop] * own0).sum())
+                target_rows = torch.cat([own1, own0])
+            else:
+                assert col_desc is not None and s_cols is not None
+                weights = _target_weights(
+                    row_desc[start:stop], col_desc, inv_tau_s, (local, idx + offset), z0.dtype
+                )
+                w_own = weights[local, idx + offset][:, None]
+                weighted_cols = weights @ s_cols
+                s_rows = z0[start:stop] + z1[start:stop]
+                own_dots = (z0[start:stop] * own0).sum(1, keepdim=True) + (z1[start:stop] * own1).sum(1, keepdim=True)
+                total -= inv_tau * ((s_rows * weighted_cols).sum() - (w_own * own_dots).sum())
+                target_rows = torch.cat([weighted_cols - w_own * own0, weighted_cols - w_own * own1])
+                if grad_cols is not None:
+                    weighted_rows = weights.T @ s_rows
+                    grad_cols[:m] -= weighted_rows
+                    grad_cols[m:] -= weighted_rows
+                    grad_cols[idx + offset] += w_own * z0[start:stop]
+                    grad_cols[idx + m + offset] += w_own * z1[start:stop]
+            if grad_rows is not None:
+                block = probs @ cols
+                block -= target_rows
+                grad_rows[start:stop] = block[:c]
+                grad_rows[n + start : n + stop] = block[c:]
+            if grad_cols is not None:
+                grad_cols.addmm_(probs.T, rows)
+                if row_desc is None:
+                    grad_cols[idx + offset] -= z1[start:stop]
+                    grad_cols[idx + m + offset] -= z0[start:stop]
+            del logits, probs
+        scale = inv_tau / (2 * n)
+        ctx.save_for_backward(
+            grad_rows.mul_(scale) if grad_rows is not None else None,
+            grad_cols.mul_(scale) if grad_cols is not None else None,
+        )
+        return total / (2 * n)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
-        probs, rows, cols, weights = ctx.saved_tensors  # type: ignore[attr-defined]
-        inv_tau: float = ctx.inv_tau  # type: ignore[attr-defined]
-        offset: int = ctx.offset  # type: ignore[attr-defined]
-        n, m = rows.shape[0] // 2, cols.shape[0] // 2
-        idx = torch.arange(n, device=rows.device)
-        z0, z1, c0, c1 = rows[:n], rows[n:], cols[:m], cols[m:]
-        grad_rows = probs @ cols
-        grad_cols = probs.T @ rows
-        if weights is None:
-            grad_rows[:n] -= c1[idx + offset]
-            grad_rows[n:] -= c0[idx + offset]
-            grad_cols[offset + idx] -= z1
-            grad_cols[m + offset + idx] -= z0
-        else:
-            w_self = weights[idx, idx + offset][:, None]
-            weighted_cols = weights @ (c0 + c1)
-            weighted_rows = weights.T @ (z0 + z1)
-            grad_rows[:n] -= weighted_cols - w_self * c0[idx + offset]
-            grad_rows[n:] -= weighted_cols - w_self * c1[idx + offset]
-            grad_cols[:m] -= weighted_rows
-            grad_cols[m:] -= weighted_rows
-            grad_cols[offset + idx] += w_self * z0
-            grad_cols[m + offset + idx] += w_self * z1
-        scale = grad_loss * (inv_tau / (2 * n))
-        grad_rows *= scale
-        grad_cols *= scale
-        return grad_rows[:n], grad_rows[n:], grad_cols[:m], grad_cols[m:], None, None, None
+        grad_rows, grad_cols = ctx.saved_tensors  # type: ignore[attr-defined]
+        g0 = g1 = gc0 = gc1 = None
+        if grad_rows is not None:
+            n = grad_rows.shape[0] // 2
+            g0, g1 = grad_rows[:n] * grad_loss, grad_rows[n:] * grad_loss
+        if grad_cols is not None:
+            m = grad_cols.shape[0] // 2
+            gc0, gc1 = grad_cols[:m] * grad_loss, grad_cols[m:] * grad_loss
+        return g0, g1, gc0, gc1, None, None, None, None, None, None
 
 
 def _softmax_(logits: Tensor) -> Tensor:
