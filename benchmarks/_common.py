@@ -32,7 +32,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def peak_rss_delta_mib(script: str, case: list[str], timeout: float = 900.0) -> float | None:
+def peak_rss_delta_mib(
+    script: str, case: list[str], timeout: float = 900.0
+) -> float | None:
     """Runs ``script --memory-case CASE...`` in a fresh process and returns what it prints.
 
     Memory is measured in a separate process per case because CPU torch has no peak
@@ -42,7 +44,9 @@ def peak_rss_delta_mib(script: str, case: list[str], timeout: float = 900.0) -> 
     """
     cmd = [sys.executable, script, "--memory-case", *case]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         return None
     if out.returncode != 0:
@@ -93,7 +97,9 @@ def environment() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    return "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]]
+    )
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -110,6 +116,9 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

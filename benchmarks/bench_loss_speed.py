@@ -23,7 +23,9 @@ import torch
 from lightly.loss import NTXentLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from xclr_plugin import XCLRLoss
+
+from _common import (
     RESULTS,
     command_line,
     environment,
@@ -34,8 +36,6 @@ from _common import (  # noqa: E402
     write_atomic,
     write_json,
 )
-
-from xclr_plugin import XCLRLoss  # noqa: E402
 
 DIM, TEXT_DIM = 128, 384
 METHODS = ("floor", "ntxent", "xclr")
@@ -68,12 +68,18 @@ def make_step(method: str, batch_size: int, seed: int = 0) -> Callable[[], None]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096]
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", default=str(RESULTS / "loss_speed"))
-    parser.add_argument("--memory-case", nargs=2, metavar=("METHOD", "B"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-case", nargs=2, metavar=("METHOD", "B"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -93,34 +99,55 @@ def main() -> None:
             for method, step in steps.items():
                 samples[method].append(median_seconds(step, repeats=1, warmup=0))
         seconds = {m: sorted(s)[len(s) // 2] for m, s in samples.items()}
-        memory = {m: peak_rss_delta_mib(__file__, [m, str(batch_size)]) for m in METHODS}
+        memory = {
+            m: peak_rss_delta_mib(__file__, [m, str(batch_size)]) for m in METHODS
+        }
         row = {"batch_size": batch_size, "seconds": seconds, "peak_mib": memory}
         row["xclr_over_floor"] = seconds["xclr"] / seconds["floor"]
         row["ntxent_over_floor"] = seconds["ntxent"] / seconds["floor"]
         row["xclr_speedup_over_ntxent"] = seconds["ntxent"] / seconds["xclr"]
         rows.append(row)
         print(
-            f"B={batch_size}: floor {seconds['floor']*1e3:.0f} ms, ntxent {seconds['ntxent']*1e3:.0f} ms "
-            f"({row['ntxent_over_floor']:.2f}x), xclr {seconds['xclr']*1e3:.0f} ms ({row['xclr_over_floor']:.2f}x); "
+            f"B={batch_size}: floor {seconds['floor'] * 1e3:.0f} ms, ntxent {seconds['ntxent'] * 1e3:.0f} ms "
+            f"({row['ntxent_over_floor']:.2f}x), xclr {seconds['xclr'] * 1e3:.0f} ms ({row['xclr_over_floor']:.2f}x); "
             f"peak MiB {memory}",
             flush=True,
         )
 
     output = Path(args.output)
-    payload = {"command": command_line(), "environment": environment(), "dim": DIM, "text_dim": TEXT_DIM, "repeats": args.repeats, "results": rows}
+    payload = {
+        "command": command_line(),
+        "environment": environment(),
+        "dim": DIM,
+        "text_dim": TEXT_DIM,
+        "repeats": args.repeats,
+        "results": rows,
+    }
     write_json(output.with_suffix(".json"), payload)
     table = markdown_table(
-        ["B", "floor ms", "NTXentLoss ms", "XCLRLoss ms", "NTXent / floor", "XCLR / floor", "XCLR speed-up vs NTXent", "peak MiB floor / NTXent / XCLR"],
+        [
+            "B",
+            "floor ms",
+            "NTXentLoss ms",
+            "XCLRLoss ms",
+            "NTXent / floor",
+            "XCLR / floor",
+            "XCLR speed-up vs NTXent",
+            "peak MiB floor / NTXent / XCLR",
+        ],
         [
             [
                 str(r["batch_size"]),
-                f"{r['seconds']['floor']*1e3:.0f}",
-                f"{r['seconds']['ntxent']*1e3:.0f}",
-                f"{r['seconds']['xclr']*1e3:.0f}",
+                f"{r['seconds']['floor'] * 1e3:.0f}",
+                f"{r['seconds']['ntxent'] * 1e3:.0f}",
+                f"{r['seconds']['xclr'] * 1e3:.0f}",
                 f"{r['ntxent_over_floor']:.2f}x",
                 f"{r['xclr_over_floor']:.2f}x",
                 f"{r['xclr_speedup_over_ntxent']:.2f}x",
-                " / ".join("n/a" if r["peak_mib"][m] is None else f"{r['peak_mib'][m]:.0f}" for m in METHODS),
+                " / ".join(
+                    "n/a" if r["peak_mib"][m] is None else f"{r['peak_mib'][m]:.0f}"
+                    for m in METHODS
+                ),
             ]
             for r in rows
         ],

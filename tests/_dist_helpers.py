@@ -13,7 +13,12 @@ import torch.multiprocessing as mp
 
 
 def _worker(
-    rank: int, world_size: int, init_file: str, out_dir: str, fn: Callable[..., Any], args: tuple[Any, ...]
+    rank: int,
+    world_size: int,
+    init_file: str,
+    out_dir: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
 ) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -33,5 +38,13 @@ def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        mp.spawn(
+            _worker,
+            args=(world_size, init_file, tmp, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
+        return [
+            torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]

@@ -20,7 +20,9 @@ def description_similarity(targets: Tensor) -> Tensor:
     return sim
 
 
-def dense_target(targets: Tensor | None, batch_size: int, target_temperature: float) -> Tensor:
+def dense_target(
+    targets: Tensor | None, batch_size: int, target_temperature: float
+) -> Tensor:
     """The ``2B x 2B`` target ``G`` of section 1 (one-hot on the other view for None)."""
     n2 = 2 * batch_size
     self_mask = torch.eye(n2, dtype=torch.bool)
@@ -28,13 +30,17 @@ def dense_target(targets: Tensor | None, batch_size: int, target_temperature: fl
         idx = torch.arange(n2)
         return F.one_hot((idx + batch_size) % n2, n2).double()
     sim = description_similarity(targets).repeat(2, 2)
-    return torch.softmax((sim / target_temperature).masked_fill(self_mask, -math.inf), dim=1)
+    return torch.softmax(
+        (sim / target_temperature).masked_fill(self_mask, -math.inf), dim=1
+    )
 
 
 def dense_log_probs(out0: Tensor, out1: Tensor, temperature: float) -> Tensor:
     """``log softmax_{b != a}(<z_a, z_b> / tau)`` with self entries at ``-inf``."""
     z = F.normalize(torch.cat([out0, out1]), dim=1)
-    logits = (z @ z.T / temperature).masked_fill(torch.eye(len(z), dtype=torch.bool), -math.inf)
+    logits = (z @ z.T / temperature).masked_fill(
+        torch.eye(len(z), dtype=torch.bool), -math.inf
+    )
     return torch.log_softmax(logits, dim=1)
 
 

@@ -12,7 +12,13 @@ import torch.distributed as torch_dist
 from lightly.utils import dist as lightly_dist
 from torch import Tensor
 
-__all__ = ["gather_with_grad", "gather_without_grad", "rank", "require_process_group", "world_size"]
+__all__ = [
+    "gather_with_grad",
+    "gather_without_grad",
+    "rank",
+    "require_process_group",
+    "world_size",
+]
 
 rank = lightly_dist.rank
 world_size = lightly_dist.world_size

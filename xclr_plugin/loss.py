@@ -83,12 +83,18 @@ class XCLRLoss(nn.Module):
     ) -> None:
         super().__init__()
         if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+            isinstance(chunk_size, bool)
+            or not isinstance(chunk_size, int)
+            or chunk_size < 1
         ):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+            raise ValueError(
+                f"chunk_size must be a positive integer or None, got {chunk_size!r}."
+            )
         self.chunk_size = chunk_size
         self.temperature = validate_temperature("temperature", temperature)
-        self.target_temperature = validate_temperature("target_temperature", target_temperature)
+        self.target_temperature = validate_temperature(
+            "target_temperature", target_temperature
+        )
         self.gather_distributed = gather_distributed
         if gather_distributed and not torch_dist.is_available():
             raise ValueError(
@@ -107,7 +113,9 @@ class XCLRLoss(nn.Module):
         self.register_buffer("bank_descriptions", None, persistent=False)
         self.register_buffer("bank_description_valid", None, persistent=False)
 
-    def forward(self, out0: Tensor, out1: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self, out0: Tensor, out1: Tensor, targets: Tensor | None = None
+    ) -> Tensor:
         """Computes the loss of a batch.
 
         Args:
@@ -158,7 +166,9 @@ class XCLRLoss(nn.Module):
                 chunk_size=self.chunk_size,
             )
 
-    def _forward_memory_bank(self, out0: Tensor, out1: Tensor, targets: Tensor | None) -> Tensor:
+    def _forward_memory_bank(
+        self, out0: Tensor, out1: Tensor, targets: Tensor | None
+    ) -> Tensor:
         """Anchors ``out0`` against ``[out1_i; bank]``, as ``NTXentLoss`` with a bank."""
         update = out0.requires_grad
         ptr = int(self.memory_bank.bank_ptr)
@@ -173,7 +183,9 @@ class XCLRLoss(nn.Module):
                     "targets is None but earlier batches stored descriptions in the "
                     "memory bank; pass targets for every batch or for none."
                 )
-            return F.cross_entropy(logits, torch.zeros_like(logits[:, 0], dtype=torch.long))
+            return F.cross_entropy(
+                logits, torch.zeros_like(logits[:, 0], dtype=torch.long)
+            )
         descriptions, valid = self._bank_descriptions_for(targets)
         similarity = torch.cat(
             [
@@ -182,12 +194,16 @@ class XCLRLoss(nn.Module):
             ],
             dim=1,
         )
-        mask = torch.cat([torch.zeros_like(valid[:1]), ~valid])[None, :].expand_as(similarity)
+        mask = torch.cat([torch.zeros_like(valid[:1]), ~valid])[None, :].expand_as(
+            similarity
+        )
         target_probs = torch.softmax(
             (similarity / self.target_temperature).masked_fill(mask, -math.inf), dim=1
         )
         log_probs = torch.log_softmax(logits, dim=1)
-        loss = -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(1).mean()
+        loss = (
+            -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(1).mean()
+        )
         if update:
             self._enqueue_descriptions(targets, ptr)
         return loss
@@ -198,9 +214,17 @@ class XCLRLoss(nn.Module):
         if self.bank_descriptions is None or self.bank_description_valid is None:
             shape = (size, *targets.shape[1:])
             # Float descriptions follow the embedding bank's dtype (float64 after .double()).
-            dtype = self.memory_bank.bank.dtype if targets.is_floating_point() else torch.long
-            self.bank_descriptions = torch.zeros(shape, dtype=dtype, device=targets.device)
-            self.bank_description_valid = torch.zeros(size, dtype=torch.bool, device=targets.device)
+            dtype = (
+                self.memory_bank.bank.dtype
+                if targets.is_floating_point()
+                else torch.long
+            )
+            self.bank_descriptions = torch.zeros(
+                shape, dtype=dtype, device=targets.device
+            )
+            self.bank_description_valid = torch.zeros(
+                size, dtype=torch.bool, device=targets.device
+            )
         stored = self.bank_descriptions
         if stored.is_floating_point() != targets.is_floating_point() or (
             stored.shape[1:] != targets.shape[1:]
@@ -211,20 +235,25 @@ class XCLRLoss(nn.Module):
                 f"({stored.dtype}), got targets of shape {tuple(targets.shape)} "
                 f"({targets.dtype})."
             )
-        return stored.clone().to(targets.device), self.bank_description_valid.clone().to(
+        return stored.clone().to(
             targets.device
-        )
+        ), self.bank_description_valid.clone().to(targets.device)
 
     @torch.no_grad()
     def _enqueue_descriptions(self, targets: Tensor, ptr: int) -> None:
         """Writes ``targets`` where ``MemoryBankModule`` wrote the matching embeddings."""
-        assert self.bank_descriptions is not None and self.bank_description_valid is not None
+        assert (
+            self.bank_descriptions is not None
+            and self.bank_description_valid is not None
+        )
         if self.gather_distributed and dist.world_size() > 1:
             targets = _all_gather_detached(targets)
         size = self.memory_bank.size[0]
         # Same wrap-around rule as MemoryBankModule._dequeue_and_enqueue.
         end = min(size, ptr + targets.shape[0])
-        self.bank_descriptions[ptr:end] = targets[: end - ptr].to(self.bank_descriptions)
+        self.bank_descriptions[ptr:end] = targets[: end - ptr].to(
+            self.bank_descriptions
+        )
         self.bank_description_valid[ptr:end] = True
 
 
@@ -241,7 +270,9 @@ def validate_temperature(name: str, value: float) -> float:
     return float(value)
 
 
-def similarity_from_targets(row_targets: Tensor, col_targets: Tensor | None = None) -> Tensor:
+def similarity_from_targets(
+    row_targets: Tensor, col_targets: Tensor | None = None
+) -> Tensor:
     """Similarity ``S`` between the descriptions of rows and columns (no gradient).
 
     Args:
@@ -260,9 +291,15 @@ def similarity_from_targets(row_targets: Tensor, col_targets: Tensor | None = No
         if row_targets.is_floating_point():
             dtype = _compute_dtype(row_targets.dtype)
             rows_n = F.normalize(row_targets.detach().to(dtype), dim=1)
-            cols_n = rows_n if col_targets is None else F.normalize(cols.detach().to(dtype), dim=1)
+            cols_n = (
+                rows_n
+                if col_targets is None
+                else F.normalize(cols.detach().to(dtype), dim=1)
+            )
             return rows_n @ cols_n.T
-        return (row_targets.detach()[:, None] == cols.detach()[None, :]).to(torch.float32)
+        return (row_targets.detach()[:, None] == cols.detach()[None, :]).to(
+            torch.float32
+        )
 
 
 def xclr_loss(
@@ -419,19 +456,31 @@ class _XCLRTwoView(torch.autograd.Function):
             own0, own1 = c0[idx + offset], c1[idx + offset]
             if row_desc is None:
                 # Identity graph: all target mass on the other view of the same sample.
-                total -= inv_tau * ((z0[start:stop] * own1).sum() + (z1[start:stop] * own0).sum())
+                total -= inv_tau * (
+                    (z0[start:stop] * own1).sum() + (z1[start:stop] * own0).sum()
+                )
                 target_rows = torch.cat([own1, own0])
             else:
                 assert col_desc is not None and s_cols is not None
                 weights = _target_weights(
-                    row_desc[start:stop], col_desc, inv_tau_s, (local, idx + offset), z0.dtype
+                    row_desc[start:stop],
+                    col_desc,
+                    inv_tau_s,
+                    (local, idx + offset),
+                    z0.dtype,
                 )
                 w_own = weights[local, idx + offset][:, None]
                 weighted_cols = weights @ s_cols
                 s_rows = z0[start:stop] + z1[start:stop]
-                own_dots = (z0[start:stop] * own0).sum(1, keepdim=True) + (z1[start:stop] * own1).sum(1, keepdim=True)
-                total -= inv_tau * ((s_rows * weighted_cols).sum() - (w_own * own_dots).sum())
-                target_rows = torch.cat([weighted_cols - w_own * own0, weighted_cols - w_own * own1])
+                own_dots = (z0[start:stop] * own0).sum(1, keepdim=True) + (
+                    z1[start:stop] * own1
+                ).sum(1, keepdim=True)
+                total -= inv_tau * (
+                    (s_rows * weighted_cols).sum() - (w_own * own_dots).sum()
+                )
+                target_rows = torch.cat(
+                    [weighted_cols - w_own * own0, weighted_cols - w_own * own1]
+                )
                 if grad_cols is not None:
                     weighted_rows = weights.T @ s_rows
                     grad_cols[:m] -= weighted_rows
@@ -450,10 +499,10 @@ class _XCLRTwoView(torch.autograd.Function):
                     grad_cols[idx + m + offset] -= z0[start:stop]
             del logits, probs
         scale = inv_tau / (2 * n)
-        ctx.save_for_backward(
-            grad_rows.mul_(scale) if grad_rows is not None else None,
-            grad_cols.mul_(scale) if grad_cols is not None else None,
-        )
+        # Intermediates, not inputs or outputs: kept on ctx (save_for_backward is for
+        # tensors that in-place changes could invalidate).
+        ctx.grad_rows = None if grad_rows is None else grad_rows.mul_(scale)  # type: ignore[attr-defined]
+        ctx.grad_cols = None if grad_cols is None else grad_cols.mul_(scale)  # type: ignore[attr-defined]
         return total / (2 * n)
 
     @staticmethod
@@ -461,7 +510,8 @@ class _XCLRTwoView(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
-        grad_rows, grad_cols = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_rows: Tensor | None = ctx.grad_rows  # type: ignore[attr-defined]
+        grad_cols: Tensor | None = ctx.grad_cols  # type: ignore[attr-defined]
         g0 = g1 = gc0 = gc1 = None
         if grad_rows is not None:
             n = grad_rows.shape[0] // 2
@@ -494,13 +544,17 @@ def _validate_inputs(
 ) -> None:
     for name, out in (("out0", out0), ("out1", out1)):
         if not isinstance(out, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(out).__name__}.")
+            raise ValueError(
+                f"{name} must be a torch.Tensor, got {type(out).__name__}."
+            )
         if out.ndim != 2:
             raise ValueError(
                 f"{name} must be 2-D (batch_size, dim), got shape {tuple(out.shape)}."
             )
         if not out.is_floating_point():
-            raise ValueError(f"{name} must have a floating point dtype, got {out.dtype}.")
+            raise ValueError(
+                f"{name} must have a floating point dtype, got {out.dtype}."
+            )
     if out0.shape != out1.shape:
         raise ValueError(
             f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and "
@@ -518,7 +572,9 @@ def _validate_inputs(
     if targets is None:
         return
     if not isinstance(targets, Tensor):
-        raise ValueError(f"targets must be a torch.Tensor or None, got {type(targets).__name__}.")
+        raise ValueError(
+            f"targets must be a torch.Tensor or None, got {type(targets).__name__}."
+        )
     if targets.device != out0.device:
         raise ValueError(
             f"targets must be on the device of out0 ({out0.device}), got {targets.device}."
@@ -533,7 +589,11 @@ def _validate_inputs(
             f"targets must have batch size {batch_size} like out0, got shape "
             f"{tuple(targets.shape)}."
         )
-    if targets.ndim == 1 and (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool):
+    if targets.ndim == 1 and (
+        targets.is_floating_point()
+        or targets.is_complex()
+        or targets.dtype == torch.bool
+    ):
         raise ValueError(
             f"1-D targets are class labels and must have an integer dtype, got {targets.dtype}. "
             "Pass caption embeddings as a 2-D (batch_size, text_dim) float tensor."
