@@ -379,9 +379,9 @@ def _target_weights(
     col_desc: Tensor,
     inv_tau_s: float,
     own: tuple[Tensor, Tensor],
-    dtype: torch.dtype,
+    out: Tensor,
 ) -> Tensor:
-    """Per-sample target weights ``W`` of the rows ``row_desc`` against all columns.
+    """Per-sample target weights ``W`` of the rows ``row_desc``, written into ``out``.
 
     Row ``a`` (either view of local sample ``i``) puts ``G_ab = W[i, j]`` on both views
     of column sample ``j`` except on itself (column ``own[1][i]``). Normalising over the
@@ -390,9 +390,9 @@ def _target_weights(
     matrix never exists.
     """
     if row_desc.is_floating_point():
-        weights = row_desc @ col_desc.T
+        weights = torch.mm(row_desc, col_desc.T, out=out)
     else:
-        weights = (row_desc[:, None] == col_desc[None, :]).to(dtype)
+        weights = out.copy_(row_desc[:, None] == col_desc[None, :])
     weights[own] = 1.0
     weights.mul_(inv_tau_s)
     weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
@@ -431,73 +431,79 @@ class _XCLRTwoView(torch.autograd.Function):
         chunk: int,
     ) -> Tensor:
         n, m = z0.shape[0], c0.shape[0]
+        chunk = min(chunk, n)
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         want_rows, want_cols = needs[0] or needs[1], needs[2] or needs[3]
         cols = torch.cat([c0, c1])
+        cols_scaled = cols * inv_tau
         s_cols = c0 + c1 if row_desc is not None else None
-        grad_rows = torch.empty_like(torch.cat([z0, z1])) if want_rows else None
+        grad_rows = z0.new_empty(2 * n, z0.shape[1]) if want_rows else None
         grad_cols = torch.zeros_like(cols) if want_cols else None
+        # One block buffer reused by every chunk: no per-chunk allocation or page faults.
+        logits_buf = z0.new_empty(2 * chunk, 2 * m)
+        weights_buf = z0.new_empty(chunk, m) if row_desc is not None else None
         total = z0.new_zeros(())
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             c = stop - start
-            idx = torch.arange(start, stop, device=z0.device)
             local = torch.arange(c, device=z0.device)
-            rows = torch.cat([z0[start:stop], z1[start:stop]])
-            logits = (rows * inv_tau) @ cols.T
+            own_col = local + (start + offset)
+            z0c, z1c = z0[start:stop], z1[start:stop]
+            own0, own1 = c0[own_col], c1[own_col]
+            logits = logits_buf[: 2 * c]
+            torch.mm(z0c, cols_scaled.T, out=logits[:c])
+            torch.mm(z1c, cols_scaled.T, out=logits[c:])
             # A view is not its own candidate: -inf gives it probability exactly 0.
-            logits[local, idx + offset] = -math.inf
-            logits[local + c, idx + m + offset] = -math.inf
+            logits[local, own_col] = -math.inf
+            logits[local + c, own_col + m] = -math.inf
             row_max = logits.amax(dim=1)
             probs = _softmax_(logits)
             # LSE = max_b l_ab - log max_b P_ab: softmax keeps the argmax and the largest
             # probability is >= 1 / (2m - 1), so the log never sees 0.
             total += (row_max - torch.log(probs.amax(dim=1))).sum()
-            own0, own1 = c0[idx + offset], c1[idx + offset]
+            if grad_rows is not None:
+                torch.mm(probs[:c], cols, out=grad_rows[start:stop])
+                torch.mm(probs[c:], cols, out=grad_rows[n + start : n + stop])
+            if grad_cols is not None:
+                grad_cols.addmm_(probs[:c].T, z0c).addmm_(probs[c:].T, z1c)
             if row_desc is None:
                 # Identity graph: all target mass on the other view of the same sample.
-                total -= inv_tau * (
-                    (z0[start:stop] * own1).sum() + (z1[start:stop] * own0).sum()
-                )
-                target_rows = torch.cat([own1, own0])
-            else:
-                assert col_desc is not None and s_cols is not None
-                weights = _target_weights(
-                    row_desc[start:stop],
-                    col_desc,
-                    inv_tau_s,
-                    (local, idx + offset),
-                    z0.dtype,
-                )
-                w_own = weights[local, idx + offset][:, None]
-                weighted_cols = weights @ s_cols
-                s_rows = z0[start:stop] + z1[start:stop]
-                own_dots = (z0[start:stop] * own0).sum(1, keepdim=True) + (
-                    z1[start:stop] * own1
-                ).sum(1, keepdim=True)
-                total -= inv_tau * (
-                    (s_rows * weighted_cols).sum() - (w_own * own_dots).sum()
-                )
-                target_rows = torch.cat(
-                    [weighted_cols - w_own * own0, weighted_cols - w_own * own1]
-                )
+                total -= inv_tau * ((z0c * own1).sum() + (z1c * own0).sum())
+                if grad_rows is not None:
+                    grad_rows[start:stop] -= own1
+                    grad_rows[n + start : n + stop] -= own0
                 if grad_cols is not None:
-                    weighted_rows = weights.T @ s_rows
-                    grad_cols[:m] -= weighted_rows
-                    grad_cols[m:] -= weighted_rows
-                    grad_cols[idx + offset] += w_own * z0[start:stop]
-                    grad_cols[idx + m + offset] += w_own * z1[start:stop]
+                    grad_cols[own_col] -= z1c
+                    grad_cols[own_col + m] -= z0c
+                continue
+            assert (
+                col_desc is not None and s_cols is not None and weights_buf is not None
+            )
+            weights = _target_weights(
+                row_desc[start:stop],
+                col_desc,
+                inv_tau_s,
+                (local, own_col),
+                weights_buf[:c],
+            )
+            w_own = weights[local, own_col][:, None]
+            weighted_cols = weights @ s_cols
+            s_rows = z0c + z1c
+            own_dots = (z0c * own0).sum(1, keepdim=True) + (z1c * own1).sum(
+                1, keepdim=True
+            )
+            total -= inv_tau * (
+                (s_rows * weighted_cols).sum() - (w_own * own_dots).sum()
+            )
             if grad_rows is not None:
-                block = probs @ cols
-                block -= target_rows
-                grad_rows[start:stop] = block[:c]
-                grad_rows[n + start : n + stop] = block[c:]
+                grad_rows[start:stop] -= weighted_cols - w_own * own0
+                grad_rows[n + start : n + stop] -= weighted_cols - w_own * own1
             if grad_cols is not None:
-                grad_cols.addmm_(probs.T, rows)
-                if row_desc is None:
-                    grad_cols[idx + offset] -= z1[start:stop]
-                    grad_cols[idx + m + offset] -= z0[start:stop]
-            del logits, probs
+                weighted_rows = weights.T @ s_rows
+                grad_cols[:m] -= weighted_rows
+                grad_cols[m:] -= weighted_rows
+                grad_cols[own_col] += w_own * z0c
+                grad_cols[own_col + m] += w_own * z1c
         scale = inv_tau / (2 * n)
         # Intermediates, not inputs or outputs: kept on ctx (save_for_backward is for
         # tensors that in-place changes could invalidate).
