@@ -60,3 +60,155 @@ def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     log_probs = torch.log_softmax(logits, dim=1)
     weighted = torch.where(target_probs > 0, target_probs * log_probs, 0.0)
     return -weighted.sum(dim=1).mean()
+
+
+def xclr_clip_loss_chunked(
+    image_rows: Tensor,
+    text_rows: Tensor,
+    image_cols: Tensor,
+    text_cols: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    row_descriptions: Tensor | None,
+    col_descriptions: Tensor | None,
+    *,
+    target_temperature: float,
+    rank_offset: int,
+    chunk_size: int,
+) -> Tensor:
+    """Image-text X-CLR (``XCLR_SPEC.md`` section 2), ``chunk_size`` rows at a time.
+
+    Rows (images, and texts for the other direction) are scored against all columns
+    with logits ``s * rows cols^T + b``; row ``i``'s target is one-hot on column
+    ``rank_offset + i`` when the descriptions are None, else
+    ``softmax_j(S_ij / tau_s)`` with ``S`` the cosine similarity of the (normalised)
+    caption embeddings, or label equality. Returns
+    ``1/2 [CE_soft(image rows) + CE_soft(text rows)]``, averaged over the rows.
+
+    Memory: one ``chunk_size x m`` block at a time; the gradients are accumulated in
+    the forward (see :class:`_XCLRClipChunked`).
+    """
+    loss: Tensor = _XCLRClipChunked.apply(
+        image_rows,
+        text_rows,
+        image_cols,
+        text_cols,
+        logit_scale,
+        logit_bias,
+        row_descriptions,
+        col_descriptions,
+        1.0 / target_temperature,
+        rank_offset,
+        chunk_size,
+    )
+    return loss
+
+
+class _XCLRClipChunked(torch.autograd.Function):
+    """Soft-target CLIP loss and its gradients, block by block.
+
+    Per row ``i``: ``CE_i = LSE_i - sum_j G_ij l_ij`` and, since ``sum_j G_ij = 1``,
+    ``sum_j G_ij l_ij = s <row_i, (G cols)_i> + b``. Its gradient is
+    ``s (P - G) cols`` for the row, ``s (P - G)^T rows`` for the columns,
+    ``sum_i <row_i, ((P - G) cols)_i>`` for the scale and exactly 0 for the bias (a
+    softmax does not see a constant shift). All are accumulated as the blocks are
+    visited, so the backward only multiplies them by the upstream gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        image_rows: Tensor,
+        text_rows: Tensor,
+        image_cols: Tensor,
+        text_cols: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None,
+        row_desc: Tensor | None,
+        col_desc: Tensor | None,
+        inv_tau_s: float,
+        offset: int,
+        chunk: int,
+    ) -> Tensor:
+        n, m = image_rows.shape[0], image_cols.shape[0]
+        chunk = min(chunk, n)
+        scale = logit_scale.detach().to(image_rows.dtype)
+        bias = 0.0 if logit_bias is None else float(logit_bias)
+        logits_buf = image_rows.new_empty(chunk, m)
+        weights_buf = image_rows.new_empty(chunk, m) if row_desc is not None else None
+        total = image_rows.new_zeros(())
+        grad_scale = image_rows.new_zeros(())
+        grads = {}
+        # Image rows against text columns, then text rows against image columns.
+        for rows, cols, rows_key, cols_key in (
+            (image_rows, text_cols, "image_rows", "text_cols"),
+            (text_rows, image_cols, "text_rows", "image_cols"),
+        ):
+            grad_rows = torch.empty_like(rows)
+            grad_cols = torch.zeros_like(cols)
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                block = rows[start:stop]
+                logits = torch.mm(block, cols.T, out=logits_buf[: stop - start])
+                logits.mul_(scale).add_(bias)
+                row_max = logits.amax(dim=1)
+                probs = torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+                total += (row_max - torch.log(probs.amax(dim=1))).sum()
+                if row_desc is None:
+                    own = torch.arange(
+                        start + offset, stop + offset, device=rows.device
+                    )
+                    weighted_cols = cols[own]
+                else:
+                    assert col_desc is not None and weights_buf is not None
+                    weights = _chunk_target(
+                        row_desc[start:stop],
+                        col_desc,
+                        inv_tau_s,
+                        weights_buf[: stop - start],
+                    )
+                    weighted_cols = weights @ cols
+                total -= scale * (block * weighted_cols).sum() + bias * (stop - start)
+                # (P - G) cols, then the row, column and scale gradients from it.
+                residual = torch.mm(probs, cols, out=grad_rows[start:stop]).sub_(
+                    weighted_cols
+                )
+                grad_scale += (block * residual).sum()
+                grad_cols.addmm_(probs.T, block)
+                if row_desc is None:
+                    grad_cols[own] -= block
+                else:
+                    grad_cols.addmm_(weights.T, block, alpha=-1.0)
+            grads[rows_key] = grad_rows.mul_(scale)
+            grads[cols_key] = grad_cols.mul_(scale)
+        norm = 1.0 / (2 * n)
+        ctx.grads = {k: v.mul_(norm) for k, v in grads.items()}  # type: ignore[attr-defined]
+        ctx.grad_scale = (grad_scale * norm).to(logit_scale.dtype)  # type: ignore[attr-defined]
+        ctx.has_bias = logit_bias is not None  # type: ignore[attr-defined]
+        ctx.bias_like = None if logit_bias is None else torch.zeros_like(logit_bias)  # type: ignore[attr-defined]
+        return total * norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        grads: dict[str, Tensor] = ctx.grads  # type: ignore[attr-defined]
+        out = [
+            grads[k] * grad_loss
+            for k in ("image_rows", "text_rows", "image_cols", "text_cols")
+        ]
+        grad_scale: Tensor = ctx.grad_scale * grad_loss  # type: ignore[attr-defined]
+        grad_bias: Tensor | None = ctx.bias_like  # type: ignore[attr-defined]
+        return (*out, grad_scale, grad_bias, None, None, None, None, None)
+
+
+def _chunk_target(
+    row_desc: Tensor, col_desc: Tensor, inv_tau_s: float, out: Tensor
+) -> Tensor:
+    """``softmax_j(S_ij / tau_s)`` for a block of rows, written into ``out``."""
+    if row_desc.is_floating_point():
+        sim = torch.mm(row_desc, col_desc.T, out=out)
+    else:
+        sim = out.copy_(row_desc[:, None] == col_desc[None, :])
+    return torch.ops.aten._softmax.out(sim.mul_(inv_tau_s), 1, False, out=sim)
