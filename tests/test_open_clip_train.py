@@ -1,0 +1,492 @@
+"""xclr-openclip-train: open_clip's own trainer on a tiny model with --loss NAME.
+
+Every run trains a tiny ViT/transformer CLIP for one epoch on 24 drawn PNG images with
+varied captions (about 2 s each on CPU). A probe wraps open_clip's
+``train_one_epoch`` to record what the loss receives and returns at every step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import open_clip_train.data as ocd
+import open_clip_train.main as ocm
+import pytest
+import torch
+from _clip_helpers import dense_xclr_clip
+from open_clip.loss import ClipLoss, SigLipLoss
+from PIL import Image, ImageDraw
+
+from xclr_plugin.cache import CaptionCache, build_caption_cache
+from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.clip_loss import XCLRClipLoss
+from xclr_plugin.integrations import open_clip_train as oct
+from xclr_plugin.text import TextEncoder
+
+TINY = "xclr-test-tiny"
+TINY_BIAS = "xclr-test-tiny-bias"
+TINY_CFG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 32,
+        "layers": 2,
+        "width": 64,
+        "head_width": 32,
+        "patch_size": 8,
+    },
+    "text_cfg": {
+        "context_length": 32,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+    },
+}
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "cross"]
+
+
+def draw(shape: str, color: str, size: int = 48) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    pen = ImageDraw.Draw(image)
+    box = (8, 8, size - 8, size - 8)
+    if shape == "circle":
+        pen.ellipse(box, fill=color)
+    elif shape == "square":
+        pen.rectangle(box, fill=color)
+    elif shape == "triangle":
+        pen.polygon([(size // 2, 6), (size - 6, size - 6), (6, size - 6)], fill=color)
+    else:
+        pen.rectangle((size // 2 - 5, 6, size // 2 + 5, size - 6), fill=color)
+        pen.rectangle((6, size // 2 - 5, size - 6, size // 2 + 5), fill=color)
+    return image
+
+
+@dataclass
+class Data:
+    root: Path
+    train: Path
+    images: list[str]
+    captions: list[str]
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Data:
+    """24 PNGs (6 colours x 4 shapes), a TSV as open_clip reads it, tiny configs, a cache."""
+    root = tmp_path_factory.mktemp("openclip")
+    images, captions = [], []
+    for i, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+        path = root / f"img{i:02d}.png"
+        draw(shape, color).save(path)
+        images.append(str(path))
+        captions.append(f"a {color} {shape} on a white background")
+    train = root / "train.tsv"
+    lines = ["filepath\ttitle"] + [
+        f"{p}\t{c}" for p, c in zip(images, captions, strict=True)
+    ]
+    train.write_text("\n".join(lines) + "\n")
+    configs = root / "configs"
+    configs.mkdir()
+    (configs / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    (configs / f"{TINY_BIAS}.json").write_text(
+        json.dumps({**TINY_CFG, "init_logit_bias": -10.0})
+    )
+    open_clip.add_model_config(configs)
+    records = [CaptionRecord(p, c) for p, c in zip(images, captions, strict=True)]
+    cache = root / "cache"
+    build_caption_cache(records, cache, encoder, progress=False)
+    return Data(root, train, images, captions, cache)
+
+
+def train_args(data: Data, name: str, *extra: str, model: str = TINY) -> list[str]:
+    return [
+        "--train-data", str(data.train), "--dataset-type", "csv",
+        "--model", model, "--batch-size", "4", "--epochs", "1", "--workers", "0",
+        "--precision", "fp32", "--device", "cpu", "--lr", "1e-3", "--warmup", "1",
+        "--seed", "0", "--log-every-n-steps", "1", "--report-to", "",
+        "--logs", str(data.root / "logs"), "--name", name, *extra,
+    ]  # fmt: skip
+
+
+def checkpoint(data: Data, name: str) -> Path:
+    return data.root / "logs" / name / "checkpoints" / "epoch_1.pt"
+
+
+@dataclass
+class Probe:
+    """Records every loss call of open_clip's training loop: inputs and output."""
+
+    on_call: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    loss: torch.nn.Module | None = None
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
+    probe = Probe()
+    original = ocm.train_one_epoch
+
+    def train_one_epoch(
+        model: torch.nn.Module,
+        data: Any,
+        loss: torch.nn.Module,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        probe.loss = loss
+
+        def before(
+            module: torch.nn.Module, args: tuple[Any, ...], kw: dict[str, Any]
+        ) -> None:
+            if probe.on_call is not None:
+                probe.on_call(model, kw)
+            probe.calls.append(
+                {
+                    k: v.detach().clone()
+                    for k, v in kw.items()
+                    if isinstance(v, torch.Tensor)
+                }
+            )
+
+        def after(
+            module: torch.nn.Module, args: tuple[Any, ...], kw: dict[str, Any], out: Any
+        ) -> None:
+            probe.calls[-1]["loss"] = out["contrastive_loss"].detach().clone()
+
+        handles = [
+            loss.register_forward_pre_hook(before, with_kwargs=True),
+            loss.register_forward_hook(after, with_kwargs=True),
+        ]
+        try:
+            return original(model, data, loss, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    monkeypatch.setattr(ocm, "train_one_epoch", train_one_epoch)
+    return probe
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # type: ignore[no-any-return]
+
+
+def assert_loads_back(model: str, path: Path) -> open_clip.CLIP:
+    """The checkpoint loads with open_clip.create_model_and_transforms, weights intact."""
+    loaded, _, _ = open_clip.create_model_and_transforms(model, pretrained=str(path))
+    for key, value in state_dict(path).items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    return loaded  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def pretrained(data: Data) -> dict[str, Any]:
+    """A plain open_clip_train.main run: the parity baseline and the checkpoint to tune."""
+    calls: list[torch.Tensor] = []
+    original = ocm.train_one_epoch
+
+    def train_one_epoch(
+        model: torch.nn.Module, d: Any, loss: torch.nn.Module, *args: Any, **kwargs: Any
+    ) -> Any:
+        handle = loss.register_forward_hook(
+            lambda m, a, out: calls.append(out["contrastive_loss"].detach().clone())
+        )
+        try:
+            return original(model, d, loss, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    ocm.train_one_epoch = train_one_epoch
+    try:
+        with oct.preserve_logging():
+            assert ocm.main(train_args(data, "plain")) is None
+    finally:
+        ocm.train_one_epoch = original
+    return {"losses": calls, "checkpoint": checkpoint(data, "plain")}
+
+
+def test_loss_clip_matches_plain_open_clip(
+    data: Data, pretrained: dict[str, Any], probe: Probe
+) -> None:
+    originals = (
+        ocm.parse_args,
+        ocm.create_loss,
+        ocm.create_model_and_transforms,
+        ocd.CsvDataset,
+    )
+    assert oct.main([*train_args(data, "loss-clip"), "--loss", "clip"]) is None
+    assert probe.loss.__class__ is ClipLoss
+    got = [call["loss"] for call in probe.calls]
+    assert len(got) == len(pretrained["losses"]) == 6
+    for step, (a, b) in enumerate(zip(got, pretrained["losses"], strict=True)):
+        assert torch.equal(a, b), f"step {step}: {a} != {b}"
+    plain, ours = (
+        state_dict(pretrained["checkpoint"]),
+        state_dict(checkpoint(data, "loss-clip")),
+    )
+    assert plain.keys() == ours.keys()
+    assert all(torch.equal(plain[k], ours[k]) for k in plain)
+    params = (data.root / "logs" / "loss-clip" / "params.txt").read_text()
+    assert "loss: clip" in params
+    assert (
+        ocm.parse_args,
+        ocm.create_loss,
+        ocm.create_model_and_transforms,
+        ocd.CsvDataset,
+    ) == originals
+
+
+def test_finetune_captions_from_cache_with_accum_freq(
+    data: Data, pretrained: dict[str, Any], probe: Probe
+) -> None:
+    """Each sample's caption reaches the loss, also across accumulated micro-batches."""
+    tokenizer = open_clip.get_tokenizer(TINY)
+    cache = CaptionCache.open(data.cache)
+
+    def check_text_features_belong_to_indices(model: Any, kw: dict[str, Any]) -> None:
+        indices = kw[oct.SAMPLE_INDEX_KEY]
+        with torch.no_grad():
+            expected = model.encode_text(
+                tokenizer([data.captions[i] for i in indices]), normalize=True
+            )
+        torch.testing.assert_close(
+            kw["text_features"].detach(), expected, rtol=1e-4, atol=1e-5
+        )
+
+    probe.on_call = check_text_features_belong_to_indices
+    args = train_args(
+        data,
+        "ft-captions",
+        "--pretrained",
+        str(pretrained["checkpoint"]),
+        "--accum-freq",
+        "2",
+        "--val-data",  # the patched CSV dataset also serves open_clip's evaluation
+        str(data.train),
+    )
+    args += [
+        "--loss",
+        "xclr-clip",
+        "--xclr-caption-cache",
+        str(data.cache),
+        "--xclr-target-temperature",
+        "0.2",
+    ]
+    assert oct.main(args) is None
+
+    assert isinstance(probe.loss, oct.SampleCaptionTargets)
+    assert isinstance(probe.loss.loss, XCLRClipLoss)
+    assert len(probe.calls) == 6  # 3 optimizer steps x 2 micro-batches
+    seen: list[int] = []
+    for call in probe.calls:
+        indices = call[oct.SAMPLE_INDEX_KEY]
+        assert indices.shape == (8,) and len(set(indices.tolist())) == 8
+        seen += indices.tolist()
+        want = dense_xclr_clip(
+            call["image_features"].double(),
+            call["text_features"].double(),
+            call["logit_scale"].double(),
+            descriptions=cache[indices].double(),
+            target_temperature=0.2,
+        )
+        torch.testing.assert_close(call["loss"].double(), want, rtol=1e-5, atol=1e-6)
+    assert sorted(set(seen)) == list(range(24))
+    tuned = assert_loads_back(TINY, checkpoint(data, "ft-captions"))
+    start = state_dict(pretrained["checkpoint"])
+    assert not torch.equal(
+        tuned.state_dict()["text_projection"], start["text_projection"]
+    )
+
+
+def test_finetune_clip_text_with_lock_image(
+    data: Data, pretrained: dict[str, Any], probe: Probe
+) -> None:
+    args = train_args(
+        data,
+        "ft-clip-text",
+        "--pretrained",
+        str(pretrained["checkpoint"]),
+        "--lock-image",
+    )
+    assert (
+        oct.main([*args, "--loss", "xclr-clip", "--xclr-target-mode", "clip-text"])
+        is None
+    )
+    assert (
+        isinstance(probe.loss, XCLRClipLoss) and probe.loss.target_mode == "clip-text"
+    )
+    for call in probe.calls:
+        want = dense_xclr_clip(
+            call["image_features"].double(),
+            call["text_features"].double(),
+            call["logit_scale"].double(),
+            descriptions=call["text_features"].double(),
+            target_temperature=0.1,
+        )
+        torch.testing.assert_close(call["loss"].double(), want, rtol=1e-5, atol=1e-6)
+    tuned = assert_loads_back(TINY, checkpoint(data, "ft-clip-text")).state_dict()
+    start = state_dict(pretrained["checkpoint"])
+    assert all(
+        torch.equal(tuned[k], start[k]) for k in start if k.startswith("visual.")
+    )
+    assert not torch.equal(tuned["text_projection"], start["text_projection"])
+
+
+def test_model_with_logit_bias_and_captions_embedded_at_start_up(
+    data: Data, probe: Probe, encoder: TextEncoder
+) -> None:
+    args = train_args(data, "bias", model=TINY_BIAS)
+    assert oct.main([*args, "--loss", "xclr-clip"]) is None
+    assert isinstance(probe.loss, oct.SampleCaptionTargets)
+    first = probe.calls[0]
+    assert first["logit_bias"].item() == -10.0
+    descriptions = encoder.encode(
+        [data.captions[i] for i in first[oct.SAMPLE_INDEX_KEY]]
+    )
+    want = dense_xclr_clip(
+        first["image_features"].double(),
+        first["text_features"].double(),
+        first["logit_scale"].double(),
+        logit_bias=first["logit_bias"].double(),
+        descriptions=descriptions.double(),
+        target_temperature=0.1,
+    )
+    torch.testing.assert_close(first["loss"].double(), want, rtol=1e-5, atol=1e-6)
+    loaded = assert_loads_back(TINY_BIAS, checkpoint(data, "bias"))
+    assert loaded.logit_bias is not None
+
+
+def test_loss_siglip_gets_the_siglip_model_init(data: Data, probe: Probe) -> None:
+    reference: Any = SigLipLoss()  # recomputes the recorded step
+    assert oct.main([*train_args(data, "loss-siglip"), "--loss", "siglip"]) is None
+    assert probe.loss.__class__ is SigLipLoss
+    first = probe.calls[0]
+    assert first["logit_bias"].item() == -10.0  # as open_clip_train --siglip
+    torch.testing.assert_close(first["logit_scale"], torch.tensor(10.0))
+    inputs = {
+        k: first[k]
+        for k in ("image_features", "text_features", "logit_scale", "logit_bias")
+    }
+    torch.testing.assert_close(first["loss"], reference(**inputs))
+
+
+def test_sample_index_hooks_and_dataset(data: Data) -> None:
+    tokenizer = open_clip.get_tokenizer(TINY)
+    model, preprocess, _ = open_clip.create_model_and_transforms(TINY, output_dict=True)
+    dataset = oct._indexed_csv_dataset(ocd.CsvDataset)(
+        str(data.train), preprocess, "filepath", "title", tokenizer=tokenizer
+    )
+    image, tokens = dataset[5]
+    assert tokens[-1] == 5 and torch.equal(
+        tokens[:-1], tokenizer([data.captions[5]])[0]
+    )
+    images = torch.stack([image, dataset[7][0]])
+    texts = torch.stack([tokens, dataset[7][1]])
+    oct.SampleIndexHooks(model.context_length).attach(model)
+    want = model(images, texts[:, :-1])
+    got = model(images, texts)
+    assert torch.equal(got[oct.SAMPLE_INDEX_KEY], torch.tensor([5, 7]))
+    torch.testing.assert_close(
+        got["text_features"], want["text_features"], rtol=0, atol=0
+    )
+    model.eval()
+    assert oct.SAMPLE_INDEX_KEY not in model(images, texts)
+    assert oct.SAMPLE_INDEX_KEY not in model(images, texts[:, :-1])
+
+
+# -- errors before training -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_cache(data: Data, encoder: TextEncoder) -> Path:
+    """A cache of a different CSV: the same images, one caption changed."""
+    records = [
+        CaptionRecord(p, c) for p, c in zip(data.images, data.captions, strict=True)
+    ]
+    records[3] = CaptionRecord(records[3].filename, "a dog")
+    path = data.root / "other-cache"
+    build_caption_cache(records, path, encoder, progress=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--loss", "xclr-clipp"],
+            "Unknown loss name 'xclr-clipp'. Did you mean 'xclr-clip'?",
+        ),
+        (["--loss", "ntxent"], "is a two-view (lightly-style) loss"),
+        (
+            ["--loss", "clip", "--xclr-target-mode", "clip-text"],
+            "only apply to losses with caption targets",
+        ),
+        (["--xclr-target-temperature", "0.2"], "need --loss"),
+        (
+            ["--loss", "xclr-clip", "--dataset-type", "synthetic"],
+            "needs each sample's caption",
+        ),
+        (
+            ["--loss", "xclr-clip", "--xclr-caption-cache", "OTHER"],
+            "does not belong to --train-data",
+        ),
+        (
+            ["--loss", "xclr-clip", "--xclr-caption-cache", "MISSING"],
+            "xclr-embed-captions",
+        ),
+        (
+            ["--loss", "xclr-clip", "--xclr-target-temperature", "0"],
+            "--xclr-target-temperature must be",
+        ),
+    ],
+)
+def test_bad_input_fails_before_training(
+    data: Data,
+    other_cache: Path,
+    extra: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = "bad-" + "-".join(e.strip("-") for e in extra[:4])[:60]
+    extra = [
+        str(other_cache)
+        if e == "OTHER"
+        else str(data.root / "nothing")
+        if e == "MISSING"
+        else e
+        for e in extra
+    ]
+    assert oct.main([*train_args(data, name), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (
+        data.root / "logs" / name
+    ).exists()  # refused before open_clip wrote anything
+
+
+def test_other_open_clip_major_version_is_refused(
+    data: Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(open_clip, "__version__", "4.0.0")
+    assert oct.main([*train_args(data, "v4"), "--loss", "xclr-clip"]) == 2
+    assert "supports open_clip_torch 3.x" in capsys.readouterr().err
+
+
+def test_help_lists_both_flag_sets(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        oct.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert (
+        "--loss NAME" in out and "--xclr-caption-cache" in out and "--train-data" in out
+    )

@@ -1,0 +1,322 @@
+"""Tests of the loss registry: names from entry points, lazy imports, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _registry_helpers import write_distribution
+from lightly.loss import DCLLoss, DCLWLoss, NTXentLoss
+from omegaconf import OmegaConf
+
+from xclr_plugin import registry
+from xclr_plugin.loss import XCLRLoss
+from xclr_plugin.registry import (
+    build_criterion,
+    clear_cache,
+    create_loss,
+    list_losses,
+    loss_info,
+)
+
+OUR_NAMES = ["clip", "dcl", "dclw", "ntxent", "siglip", "supcon", "xclr", "xclr-clip"]
+
+TINY_PACKAGE = '''
+    """A third-party package that registers its own losses."""
+    import torch
+    from torch import nn
+
+
+    class MeanAbsLoss(nn.Module):
+        """Two-view toy loss: scale * mean |out0 - out1|."""
+
+        loss_targets = "none"
+
+        def __init__(self, scale: float = 1.0) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, out0, out1):
+            return self.scale * (out0 - out1).abs().mean()
+
+
+    def make_caption_loss(weight: float = 1.0) -> nn.Module:
+        """A factory for a loss that wants captions."""
+        loss = MeanAbsLoss(weight)
+        return loss
+
+    make_caption_loss.loss_targets = "captions"
+
+
+    class BadKind(nn.Module):
+        loss_inputs = "three-view"
+
+
+    def not_a_module():
+        return 42
+'''
+
+
+@pytest.fixture
+def fresh_registry() -> Iterator[None]:
+    """Forgets the cached names before and after a test that changes sys.path."""
+    clear_cache()
+    yield
+    clear_cache()
+    sys.modules.pop("tiny_losses", None)
+
+
+@pytest.fixture
+def tiny_dist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> Path:
+    """A tiny package with a real dist-info installed into a folder on sys.path."""
+    site = tmp_path / "site"
+    dist_info = write_distribution(
+        site,
+        "tiny-losses",
+        {"tiny_losses": TINY_PACKAGE},
+        {
+            "tiny-l1": "tiny_losses:MeanAbsLoss",
+            "tiny-captions": "tiny_losses:make_caption_loss",
+            "tiny-bad-kind": "tiny_losses:BadKind",
+            "tiny-not-module": "tiny_losses:not_a_module",
+            "tiny-missing": "tiny_losses_not_installed.losses:Loss",
+            "tiny-no-attr": "tiny_losses:NoSuchLoss",
+        },
+    )
+    monkeypatch.syspath_prepend(str(site))
+    return dist_info
+
+
+def test_lists_our_names_sorted() -> None:
+    names = list_losses()
+    assert set(OUR_NAMES) <= set(names)
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "kwargs"),
+    [
+        ("ntxent", NTXentLoss, {"temperature": 0.3, "memory_bank_size": (16, 8)}),
+        ("dcl", DCLLoss, {"temperature": 0.2}),
+        ("dclw", DCLWLoss, {"temperature": 0.7}),
+        ("xclr", XCLRLoss, {"temperature": 0.2, "target_temperature": 0.3}),
+    ],
+)
+def test_builds_host_and_own_two_view_losses(
+    name: str, cls: type, kwargs: dict[str, object]
+) -> None:
+    loss = create_loss(name, **kwargs)
+    assert type(loss) is cls
+    for key, value in kwargs.items():
+        if key != "memory_bank_size":
+            assert getattr(loss, key) == value
+    assert loss_info(name).inputs == "two-view"
+
+
+def test_builds_open_clip_losses() -> None:
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    from xclr_plugin.clip_loss import XCLRClipLoss
+
+    assert type(create_loss("clip", local_loss=True)) is ClipLoss
+    assert type(create_loss("siglip")) is SigLipLoss
+    xclip = create_loss("xclr-clip", target_temperature=0.2)
+    assert type(xclip) is XCLRClipLoss
+    for name in ("clip", "siglip", "xclr-clip"):
+        assert loss_info(name).inputs == "image-text"
+
+
+def test_specs_of_our_losses() -> None:
+    targets = {name: loss_info(name).targets for name in OUR_NAMES}
+    assert targets == {
+        "clip": "none",
+        "dcl": "none",
+        "dclw": "none",
+        "ntxent": "none",
+        "siglip": "none",
+        "supcon": "labels",
+        "xclr": "captions",
+        "xclr-clip": "captions",
+    }
+    spec = loss_info("ntxent")
+    assert (spec.value, spec.module, spec.distribution) == (
+        "lightly.loss:NTXentLoss",
+        "lightly.loss",
+        "xclr-plugin",
+    )
+
+
+def test_listing_and_two_view_losses_import_no_open_clip() -> None:
+    code = (
+        "import sys\n"
+        "from xclr_plugin.registry import create_loss, list_losses, loss_info\n"
+        "names = list_losses()\n"
+        "[loss_info(n) for n in names]\n"
+        "create_loss('ntxent'); create_loss('xclr'); create_loss('supcon')\n"
+        "assert 'open_clip' not in sys.modules, 'open_clip imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_unknown_name_lists_names_and_closest_match() -> None:
+    with pytest.raises(
+        ValueError, match=r"'xclr_clip'\. Did you mean 'xclr-clip'\?"
+    ) as err:
+        create_loss("xclr_clip")
+    for name in OUR_NAMES:
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="Did you mean 'ntxent'"):
+        loss_info("ntxnet")
+    with pytest.raises(
+        ValueError, match=r"Unknown loss name 'zzzz'\. Available losses"
+    ):
+        create_loss("zzzz")
+
+
+def test_bad_kwargs_name_the_loss_and_its_parameters() -> None:
+    with pytest.raises(TypeError) as err:
+        create_loss("ntxent", target_temperature=0.1)
+    message = str(err.value)
+    assert "Loss 'ntxent' (lightly.loss:NTXentLoss)" in message
+    assert "target_temperature" in message
+    assert "It accepts: temperature, memory_bank_size, gather_distributed." in message
+    # A value error from inside the constructor is not disguised as a kwargs error.
+    with pytest.raises(ValueError, match="temperature"):
+        create_loss("xclr", temperature=-1.0)
+
+
+def test_supcon_is_soft_label_supcon() -> None:
+    """``supcon`` on labels equals a hand-written supervised contrastive loss."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim, tau = 12, 5, 0.2
+    out0 = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    out1 = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 3, 1, 2, 2])
+
+    loss = create_loss("supcon", temperature=tau)(out0, out1, labels)
+
+    z = F.normalize(torch.cat([out0, out1]), dim=1)
+    y = torch.cat([labels, labels])
+    eye = torch.eye(2 * n, dtype=torch.bool)
+    logits = (z @ z.T / tau).masked_fill(eye, float("-inf"))
+    log_prob = logits.log_softmax(dim=1).masked_fill(eye, 0.0)
+    positives = (y[:, None] == y[None, :]) & ~eye
+    per_row = -(log_prob * positives).sum(1) / positives.sum(1)
+    torch.testing.assert_close(loss, per_row.mean(), rtol=1e-9, atol=1e-9)
+
+
+def test_xclr_without_targets_matches_ntxent_through_registry() -> None:
+    gen = torch.Generator().manual_seed(1)
+    out0, out1 = torch.randn(2, 8, 6, generator=gen, dtype=torch.float64)
+    ours = create_loss("xclr", temperature=0.5)(out0, out1)
+    theirs = create_loss("ntxent", temperature=0.5)(out0, out1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_build_criterion_from_mappings() -> None:
+    loss = build_criterion(
+        {"name": "ntxent", "temperature": 0.25, "gather_distributed": None}
+    )
+    assert isinstance(loss, NTXentLoss) and loss.temperature == 0.25
+    cfg = OmegaConf.create(
+        {
+            "name": "xclr",
+            "temperature": 0.3,
+            "memory_bank_size": [32, 4],
+            "target_temperature": None,
+        }
+    )
+    loss = build_criterion(cfg)
+    assert isinstance(loss, XCLRLoss)
+    assert loss.temperature == 0.3 and loss.target_temperature == 0.1
+    assert tuple(loss.memory_bank.size) == (32, 4)
+    with pytest.raises(ValueError, match="needs a 'name' key"):
+        build_criterion({"temperature": 0.1})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        build_criterion(["xclr"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Did you mean 'supcon'"):
+        build_criterion({"name": "supcn"})
+
+
+def test_third_party_distribution_is_found_by_name(tiny_dist: Path) -> None:
+    names = list_losses()
+    assert {"tiny-l1", "tiny-captions"} <= set(names)
+    assert set(OUR_NAMES) <= set(names)
+    assert "tiny_losses" not in sys.modules  # listing imports nothing
+
+    loss = create_loss("tiny-l1", scale=2.0)
+    assert type(loss).__module__ == "tiny_losses"
+    value = loss(torch.zeros(2, 3), torch.ones(2, 3))
+    assert value.item() == pytest.approx(2.0)
+
+    spec = loss_info("tiny-l1")
+    assert (spec.distribution, spec.inputs, spec.targets) == (
+        "tiny-losses",
+        "two-view",
+        "none",
+    )
+    assert loss_info("tiny-captions").targets == "captions"
+    assert build_criterion({"name": "tiny-captions", "weight": 3.0}).scale == 3.0
+
+
+def test_third_party_errors(tiny_dist: Path) -> None:
+    with pytest.raises(TypeError, match=r"Loss 'tiny-l1' .* It accepts: scale\."):
+        create_loss("tiny-l1", temperature=0.1)
+    with pytest.raises(ValueError, match="loss_inputs='three-view'"):
+        loss_info("tiny-bad-kind")
+    with pytest.raises(TypeError, match=r"returned int, expected a torch\.nn\.Module"):
+        create_loss("tiny-not-module")
+    with pytest.raises(ImportError, match="Loss 'tiny-missing' is provided by"):
+        create_loss("tiny-missing")
+    with pytest.raises(ImportError, match="NoSuchLoss"):
+        create_loss("tiny-no-attr")
+
+
+def test_new_distribution_needs_clear_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    assert "tiny-l1" not in list_losses()
+    site = tmp_path / "late"
+    write_distribution(
+        site,
+        "tiny-losses",
+        {"tiny_losses": TINY_PACKAGE},
+        {"tiny-l1": "tiny_losses:MeanAbsLoss"},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    assert "tiny-l1" not in list_losses()  # cached
+    registry.clear_cache()
+    assert "tiny-l1" in list_losses()
+
+
+def test_conflicting_registrations_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    site = tmp_path / "site"
+    write_distribution(
+        site,
+        "tiny-losses",
+        {"tiny_losses": TINY_PACKAGE},
+        {"ntxent": "tiny_losses:MeanAbsLoss"},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    clear_cache()
+    assert list_losses().count("ntxent") == 1
+    with pytest.raises(
+        ValueError, match="'ntxent' is registered more than once"
+    ) as err:
+        create_loss("ntxent")
+    assert "tiny_losses:MeanAbsLoss" in str(err.value)
+    assert "lightly.loss:NTXentLoss" in str(err.value)

@@ -1,0 +1,7 @@
+"""Adapters to host libraries' training loops (the only code that knows them).
+
+- :mod:`xclr_plugin.integrations.open_clip_train`: ``xclr-openclip-train``, open_clip's
+  ``open_clip_train.main`` with ``--loss NAME`` (open_clip_torch 3.x).
+
+Nothing is imported here: each adapter imports its host library only when used.
+"""
