@@ -298,23 +298,33 @@ class TestChunked:
             kwargs["targets"] = torch.tensor([0, 1, 0, 2, 1, 0, 3])
         opts = {"target_temperature": 0.2, "target_mode": target_mode}
         dense = loss_and_grads(XCLRClipLoss(**opts), batch, **kwargs)
-        chunked = loss_and_grads(XCLRClipLoss(**opts, chunk_size=chunk_size), batch, **kwargs)
+        chunked = loss_and_grads(
+            XCLRClipLoss(**opts, chunk_size=chunk_size), batch, **kwargs
+        )
         assert_same(chunked, dense)
 
     def test_float32_matches_dense(self) -> None:
         gen = torch.Generator().manual_seed(0)
         batch = {
-            "image_features": torch.nn.functional.normalize(torch.randn(300, 32, generator=gen), dim=1),
-            "text_features": torch.nn.functional.normalize(torch.randn(300, 32, generator=gen), dim=1),
+            "image_features": torch.nn.functional.normalize(
+                torch.randn(300, 32, generator=gen), dim=1
+            ),
+            "text_features": torch.nn.functional.normalize(
+                torch.randn(300, 32, generator=gen), dim=1
+            ),
             "logit_scale": torch.tensor(20.0),
         }
         captions = torch.randn(300, 16, generator=gen)
         dense = loss_and_grads(XCLRClipLoss(), batch, targets=captions)
         chunked = loss_and_grads(XCLRClipLoss(chunk_size=64), batch, targets=captions)
         for key, want in dense.items():
-            torch.testing.assert_close(chunked[key], want, atol=1e-5, rtol=1e-5, msg=key)
+            torch.testing.assert_close(
+                chunked[key], want, atol=1e-5, rtol=1e-5, msg=key
+            )
 
     @pytest.mark.parametrize("chunk_size", [0, -2, 1.5])
     def test_bad_chunk_size(self, chunk_size: object) -> None:
-        with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
+        with pytest.raises(
+            ValueError, match="chunk_size must be a positive integer or None"
+        ):
             XCLRClipLoss(chunk_size=chunk_size)  # type: ignore[arg-type]
