@@ -296,11 +296,12 @@ class TestChunked:
             kwargs["targets"] = batch["captions"]
         elif mode == "labels":
             kwargs["targets"] = torch.tensor([0, 1, 0, 2, 1, 0, 3])
-        opts = {"target_temperature": 0.2, "target_mode": target_mode}
-        dense = loss_and_grads(XCLRClipLoss(**opts), batch, **kwargs)
-        chunked = loss_and_grads(
-            XCLRClipLoss(**opts, chunk_size=chunk_size), batch, **kwargs
+        dense_loss = XCLRClipLoss(target_temperature=0.2, target_mode=target_mode)
+        chunked_loss = XCLRClipLoss(
+            target_temperature=0.2, target_mode=target_mode, chunk_size=chunk_size
         )
+        dense = loss_and_grads(dense_loss, batch, **kwargs)
+        chunked = loss_and_grads(chunked_loss, batch, **kwargs)
         assert_same(chunked, dense)
 
     def test_float32_matches_dense(self) -> None:

@@ -13,7 +13,12 @@ import math
 import torch
 from torch import Tensor
 
-from xclr_plugin.loss import similarity_from_targets, validate_temperature, xclr_loss
+from xclr_plugin.loss import (
+    _softmax_,
+    similarity_from_targets,
+    validate_temperature,
+    xclr_loss,
+)
 
 __all__ = [
     "similarity_from_targets",
@@ -152,7 +157,7 @@ class _XCLRClipChunked(torch.autograd.Function):
                 logits = torch.mm(block, cols.T, out=logits_buf[: stop - start])
                 logits.mul_(scale).add_(bias)
                 row_max = logits.amax(dim=1)
-                probs = torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+                probs = _softmax_(logits)
                 total += (row_max - torch.log(probs.amax(dim=1))).sum()
                 if row_desc is None:
                     own = torch.arange(
@@ -211,4 +216,4 @@ def _chunk_target(
         sim = torch.mm(row_desc, col_desc.T, out=out)
     else:
         sim = out.copy_(row_desc[:, None] == col_desc[None, :])
-    return torch.ops.aten._softmax.out(sim.mul_(inv_tau_s), 1, False, out=sim)
+    return _softmax_(sim.mul_(inv_tau_s))
