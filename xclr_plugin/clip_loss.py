@@ -24,6 +24,7 @@ from xclr_plugin.functional import (
     similarity_from_targets,
     soft_target_cross_entropy,
     target_distribution,
+    validate_chunk_size,
     validate_temperature,
     xclr_clip_loss_chunked,
 )
@@ -131,15 +132,7 @@ class XCLRClipLoss(ClipLoss):
             "target_temperature", target_temperature
         )
         self.target_mode = target_mode
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool)
-            or not isinstance(chunk_size, int)
-            or chunk_size < 1
-        ):
-            raise ValueError(
-                f"chunk_size must be a positive integer or None, got {chunk_size!r}."
-            )
-        self.chunk_size = chunk_size
+        self.chunk_size = validate_chunk_size(chunk_size)
 
     def extra_repr(self) -> str:
         """The settings, shown in ``repr`` (and so in open_clip_train's log)."""

@@ -16,6 +16,7 @@ from torch import Tensor
 from xclr_plugin.loss import (
     _softmax_,
     similarity_from_targets,
+    validate_chunk_size,
     validate_temperature,
     xclr_loss,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "similarity_from_targets",
     "soft_target_cross_entropy",
     "target_distribution",
+    "validate_chunk_size",
     "validate_temperature",
     "xclr_loss",
 ]

@@ -16,7 +16,13 @@ from lightly.utils import dist
 from torch import Tensor, nn
 from torch import distributed as torch_dist
 
-__all__ = ["XCLRLoss", "similarity_from_targets", "validate_temperature", "xclr_loss"]
+__all__ = [
+    "XCLRLoss",
+    "similarity_from_targets",
+    "validate_chunk_size",
+    "validate_temperature",
+    "xclr_loss",
+]
 
 
 class XCLRLoss(nn.Module):
@@ -82,15 +88,7 @@ class XCLRLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool)
-            or not isinstance(chunk_size, int)
-            or chunk_size < 1
-        ):
-            raise ValueError(
-                f"chunk_size must be a positive integer or None, got {chunk_size!r}."
-            )
-        self.chunk_size = chunk_size
+        self.chunk_size = validate_chunk_size(chunk_size)
         self.temperature = validate_temperature("temperature", temperature)
         self.target_temperature = validate_temperature(
             "target_temperature", target_temperature
@@ -268,6 +266,23 @@ def validate_temperature(name: str, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     return float(value)
+
+
+def validate_chunk_size(chunk_size: int | None) -> int | None:
+    """Returns ``chunk_size`` if it is None or an integer >= 1.
+
+    Raises:
+        ValueError: Naming the offending value otherwise.
+    """
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int)
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            f"chunk_size must be a positive integer or None, got {chunk_size!r}."
+        )
+    return chunk_size
 
 
 def similarity_from_targets(
