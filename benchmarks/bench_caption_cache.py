@@ -36,6 +36,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xclr_plugin.cache import CaptionCache, build_caption_cache
+from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.text import TextEncoder, default_model_path
+
 from _common import (
     RESULTS,
     command_line,
@@ -44,10 +48,6 @@ from _common import (
     write_atomic,
     write_json,
 )
-
-from xclr_plugin.cache import CaptionCache, build_caption_cache
-from xclr_plugin.captions import CaptionRecord
-from xclr_plugin.text import TextEncoder, default_model_path
 
 ADJECTIVES = [
     "small",
