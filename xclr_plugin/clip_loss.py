@@ -176,18 +176,7 @@ class XCLRClipLoss(ClipLoss):
             all_image_features, all_text_features = self.gather(
                 image_features, text_features
             )
-            if self.chunk_size is not None:
-                loss = self._chunked_loss(
-                    image_features,
-                    text_features,
-                    all_image_features,
-                    all_text_features,
-                    logit_scale,
-                    logit_bias,
-                    targets,
-                )
-                return {"contrastive_loss": loss} if output_dict else loss
-            logits_per_image, logits_per_text = self.logits_from_features(
+            features = (
                 image_features,
                 text_features,
                 all_image_features,
@@ -195,6 +184,10 @@ class XCLRClipLoss(ClipLoss):
                 logit_scale,
                 logit_bias,
             )
+            if self.chunk_size is not None:
+                loss = self._chunked_loss(*features, targets)
+                return {"contrastive_loss": loss} if output_dict else loss
+            logits_per_image, logits_per_text = self.logits_from_features(*features)
             target_probs = self.get_target_probs(
                 text_features, all_text_features, targets, dtype=logits_per_image.dtype
             )

@@ -141,26 +141,24 @@ class XCLRLoss(nn.Module):
             out1 = F.normalize(out1.to(dtype), dim=1)
             if use_bank:
                 return self._forward_memory_bank(out0, out1, targets)
-            if not gather:
-                return xclr_loss(
-                    out0,
-                    out1,
-                    targets,
-                    temperature=self.temperature,
-                    target_temperature=self.target_temperature,
-                    chunk_size=self.chunk_size,
-                )
-            n = out0.shape[0]
+            out0_all = out1_all = targets_all = None
+            rank_offset = 0
+            if gather:
+                out0_all = torch.cat(dist.gather(out0), dim=0)
+                out1_all = torch.cat(dist.gather(out1), dim=0)
+                if targets is not None:
+                    targets_all = _all_gather_detached(targets)
+                rank_offset = dist.rank() * out0.shape[0]
             return xclr_loss(
                 out0,
                 out1,
                 targets,
                 temperature=self.temperature,
                 target_temperature=self.target_temperature,
-                out0_all=torch.cat(dist.gather(out0), dim=0),
-                out1_all=torch.cat(dist.gather(out1), dim=0),
-                targets_all=None if targets is None else _all_gather_detached(targets),
-                rank_offset=dist.rank() * n,
+                out0_all=out0_all,
+                out1_all=out1_all,
+                targets_all=targets_all,
+                rank_offset=rank_offset,
                 chunk_size=self.chunk_size,
             )
 
