@@ -22,7 +22,7 @@ Usage (defaults: 24 epochs = twice the demo's, seeds 0,1,2, all four methods):
     for s in 0 1 2; do python benchmarks/reproduce.py --seeds $s \
         --pretrain-fractions 1,0.25 --threads 1 --name reproduce_seed$s & done; wait
     python benchmarks/reproduce.py --merge benchmarks/results/reproduce_seed{0,1,2}.json
-    python benchmarks/reproduce.py --limit 200 --epochs 1 --seeds 0 --output /tmp/r  # smoke
+    python benchmarks/reproduce.py --limit 200 --epochs 1 --seeds 0 --output smoke-out  # smoke
 """
 
 from __future__ import annotations
