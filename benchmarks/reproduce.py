@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.prog = "benchmarks/reproduce.py"
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     parser.set_defaults(
-        epochs=DEFAULT_EPOCHS, methods=DEFAULT_METHODS, output=str(RESULTS)
+        epochs=DEFAULT_EPOCHS, methods=DEFAULT_METHODS, output=os.path.relpath(RESULTS)
     )
     parser.add_argument(
         "--seeds", default=DEFAULT_SEEDS, help="comma-separated training seeds"
