@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xclr_plugin.distributed import gather_without_grad
 from xclr_plugin.functional import (
     similarity_from_targets,
     soft_target_cross_entropy,
@@ -28,6 +27,7 @@ from xclr_plugin.functional import (
     validate_temperature,
     xclr_clip_loss_chunked,
 )
+from xclr_plugin.loss import gather_without_grad
 
 try:
     from open_clip.loss import ClipLoss, gather_features

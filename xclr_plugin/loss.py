@@ -18,6 +18,7 @@ from torch import distributed as torch_dist
 
 __all__ = [
     "XCLRLoss",
+    "gather_without_grad",
     "similarity_from_targets",
     "validate_chunk_size",
     "validate_temperature",
@@ -147,7 +148,7 @@ class XCLRLoss(nn.Module):
                 out0_all = torch.cat(dist.gather(out0), dim=0)
                 out1_all = torch.cat(dist.gather(out1), dim=0)
                 if targets is not None:
-                    targets_all = _all_gather_detached(targets)
+                    targets_all = gather_without_grad(targets)
                 rank_offset = dist.rank() * out0.shape[0]
             return xclr_loss(
                 out0,
@@ -243,7 +244,7 @@ class XCLRLoss(nn.Module):
             and self.bank_description_valid is not None
         )
         if self.gather_distributed and dist.world_size() > 1:
-            targets = _all_gather_detached(targets)
+            targets = gather_without_grad(targets)
         size = self.memory_bank.size[0]
         # Same wrap-around rule as MemoryBankModule._dequeue_and_enqueue.
         end = min(size, ptr + targets.shape[0])
@@ -551,8 +552,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _all_gather_detached(tensor: Tensor) -> Tensor:
-    """Concatenates ``tensor`` from all processes along dim 0, without gradient."""
+def gather_without_grad(tensor: Tensor) -> Tensor:
+    """Concatenates ``tensor`` from all processes along dim 0, without gradient.
+
+    The descriptions (caption embeddings, labels) take no gradient, so a plain
+    ``all_gather`` suffices; embeddings go through ``lightly.utils.dist.gather``.
+    """
+    if dist.world_size() == 1:
+        return tensor.detach()
     parts = [torch.empty_like(tensor) for _ in range(dist.world_size())]
     torch_dist.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts, dim=0)
