@@ -329,3 +329,35 @@ class TestChunked:
             ValueError, match="chunk_size must be a positive integer or None"
         ):
             XCLRClipLoss(chunk_size=chunk_size)  # type: ignore[arg-type]
+
+
+def test_zero_dim_targets_are_a_value_error() -> None:
+    batch = clip_batch(4)
+    with pytest.raises(ValueError, match="targets must be caption embeddings"):
+        XCLRClipLoss()(
+            batch["image_features"],
+            batch["text_features"],
+            batch["logit_scale"],
+            targets=torch.tensor(1.0),
+        )
+
+
+@pytest.mark.parametrize("scale", [7.5, torch.tensor([7.5], dtype=torch.float64)])
+def test_chunked_accepts_the_logit_scales_dense_accepts(
+    scale: float | torch.Tensor,
+) -> None:
+    batch = clip_batch(5, bias=False)
+    captions = batch["captions"]
+    dense = XCLRClipLoss()(
+        batch["image_features"], batch["text_features"], scale, targets=captions
+    )
+    if isinstance(scale, torch.Tensor):
+        scale = scale.clone().requires_grad_(True)
+    chunked = XCLRClipLoss(chunk_size=2)(
+        batch["image_features"], batch["text_features"], scale, targets=captions
+    )
+    assert isinstance(chunked, torch.Tensor) and isinstance(dense, torch.Tensor)
+    torch.testing.assert_close(chunked, dense, atol=1e-12, rtol=1e-12)
+    if isinstance(scale, torch.Tensor):
+        chunked.backward()
+        assert scale.grad is not None and scale.grad.shape == scale.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -474,14 +475,8 @@ def test_loss_module_imports_only_torch_and_lightly() -> None:
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
-    assert roots <= {
-        "__future__",
-        "math",
-        "collections",
-        "typing",
-        "torch",
-        "lightly",
-    }, roots
+    stdlib = {"__future__", "collections", "math", "numbers", "operator", "typing"}
+    assert roots <= stdlib | {"torch", "lightly"}, roots
 
 
 class TestChunked:
@@ -542,3 +537,52 @@ class TestChunked:
             match=rf"chunk_size must be a positive integer or None, got {chunk_size!r}",
         ):
             XCLRLoss(chunk_size=chunk_size)  # type: ignore[arg-type]
+
+
+class TestFunctionalAndScalarInputs:
+    """The functional core checks its arguments like the module does."""
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
+            (
+                {"target_temperature": -1.0},
+                "target_temperature must be a finite number > 0, got -1.0",
+            ),
+            ({"chunk_size": 0}, "chunk_size must be a positive integer or None, got 0"),
+            (
+                {"chunk_size": -1},
+                "chunk_size must be a positive integer or None, got -1",
+            ),
+        ],
+    )
+    def test_xclr_loss_arguments(self, kwargs: dict[str, float], message: str) -> None:
+        out0, out1 = _views(4, 3)
+        with pytest.raises(ValueError, match=message):
+            xclr_loss(out0, out1, torch.randn(4, 2, dtype=torch.float64), **kwargs)  # type: ignore[arg-type]
+
+    def test_target_distribution_temperature(self) -> None:
+        with pytest.raises(
+            ValueError, match="target_temperature must be a finite number > 0"
+        ):
+            target_distribution(torch.zeros(2, 2), 0.0)
+
+    def test_numpy_scalars_are_accepted(self) -> None:
+        import numpy as np
+
+        temperature: Any = np.float32(0.2)
+        chunk_size: Any = np.int64(2)
+        loss_fn = XCLRLoss(temperature, np.float64(0.3), chunk_size=chunk_size)
+        assert loss_fn.temperature == pytest.approx(0.2) and loss_fn.chunk_size == 2
+        out0, out1 = _views(5, 3)
+        torch.testing.assert_close(
+            loss_fn(out0, out1), XCLRLoss(0.2, 0.3)(out0, out1), atol=1e-6, rtol=1e-6
+        )
+
+    def test_memory_bank_dimension_mismatch(self) -> None:
+        with pytest.raises(
+            ValueError,
+            match=r"memory_bank_size=\(8, 4\) does not match the embedding dimension of out0/out1, 3",
+        ):
+            XCLRLoss(memory_bank_size=(8, 4))(torch.randn(4, 3), torch.randn(4, 3))

@@ -320,3 +320,10 @@ def test_conflicting_registrations_are_reported(
         create_loss("ntxent")
     assert "tiny_losses:MeanAbsLoss" in str(err.value)
     assert "lightly.loss:NTXentLoss" in str(err.value)
+
+
+def test_supcon_takes_chunk_size() -> None:
+    from xclr_plugin.registry import create_loss
+
+    loss_fn = create_loss("supcon", chunk_size=4)
+    assert loss_fn.chunk_size == 4

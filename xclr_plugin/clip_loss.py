@@ -375,7 +375,7 @@ class XCLRClipLoss(ClipLoss):
             raise ValueError(
                 f"targets must be a torch.Tensor or None, got {type(targets).__name__}."
             )
-        if targets.shape[0] != image_features.shape[0] or targets.ndim not in (1, 2):
+        if targets.ndim not in (1, 2) or targets.shape[0] != image_features.shape[0]:
             raise ValueError(
                 "targets must be caption embeddings (batch_size, text_dim) or labels "
                 f"(batch_size,) with batch_size={image_features.shape[0]}, got shape "

@@ -45,7 +45,7 @@ def target_distribution(
     Returns:
         ``(n, m)``, rows summing to 1.
     """
-    logits = similarity / target_temperature
+    logits = similarity / validate_temperature("target_temperature", target_temperature)
     if mask is not None:
         logits = logits.masked_fill(mask, -math.inf)
     return torch.softmax(logits, dim=1)
@@ -95,6 +95,14 @@ def xclr_clip_loss_chunked(
     Memory: one ``chunk_size x m`` block at a time; the gradients are accumulated in
     the forward (see :class:`_XCLRClipChunked`).
     """
+    target_temperature = validate_temperature("target_temperature", target_temperature)
+    chunk = validate_chunk_size(chunk_size)
+    if chunk is None:
+        raise ValueError("chunk_size must be a positive integer, got None.")
+    if not isinstance(logit_scale, Tensor):
+        logit_scale = torch.as_tensor(
+            logit_scale, dtype=image_rows.dtype, device=image_rows.device
+        )
     loss: Tensor = _XCLRClipChunked.apply(
         image_rows,
         text_rows,
@@ -106,7 +114,7 @@ def xclr_clip_loss_chunked(
         col_descriptions,
         1.0 / target_temperature,
         rank_offset,
-        chunk_size,
+        chunk,
     )
     return loss
 
@@ -139,7 +147,8 @@ class _XCLRClipChunked(torch.autograd.Function):
     ) -> Tensor:
         n, m = image_rows.shape[0], image_cols.shape[0]
         chunk = min(chunk, n)
-        scale = logit_scale.detach().to(image_rows.dtype)
+        # A one-element scale of any shape (open_clip uses 0-d) acts as a scalar.
+        scale = logit_scale.detach().to(image_rows.dtype).reshape(())
         bias = 0.0 if logit_bias is None else float(logit_bias)
         logits_buf = image_rows.new_empty(chunk, m)
         weights_buf = image_rows.new_empty(chunk, m) if row_desc is not None else None
@@ -190,7 +199,8 @@ class _XCLRClipChunked(torch.autograd.Function):
             grads[cols_key] = grad_cols.mul_(scale)
         norm = 1.0 / (2 * n)
         ctx.grads = {k: v.mul_(norm) for k, v in grads.items()}  # type: ignore[attr-defined]
-        ctx.grad_scale = (grad_scale * norm).to(logit_scale.dtype)  # type: ignore[attr-defined]
+        grad_scale = (grad_scale * norm).to(logit_scale.dtype)
+        ctx.grad_scale = grad_scale.reshape(logit_scale.shape)  # type: ignore[attr-defined]
         ctx.has_bias = logit_bias is not None  # type: ignore[attr-defined]
         ctx.bias_like = None if logit_bias is None else torch.zeros_like(logit_bias)  # type: ignore[attr-defined]
         return total * norm

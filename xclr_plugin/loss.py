@@ -7,6 +7,8 @@ This file imports only ``torch`` and ``lightly`` so that it can be proposed upst
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -141,6 +143,12 @@ class XCLRLoss(nn.Module):
             out0 = F.normalize(out0.to(dtype), dim=1)
             out1 = F.normalize(out1.to(dtype), dim=1)
             if use_bank:
+                bank_dim = self.memory_bank.size[1]
+                if bank_dim != out1.shape[1]:
+                    raise ValueError(
+                        f"memory_bank_size=({self.memory_bank.size[0]}, {bank_dim}) does "
+                        f"not match the embedding dimension of out0/out1, {out1.shape[1]}."
+                    )
                 return self._forward_memory_bank(out0, out1, targets)
             out0_all = out1_all = targets_all = None
             rank_offset = 0
@@ -260,7 +268,8 @@ def validate_temperature(name: str, value: float) -> float:
     Raises:
         ValueError: Naming ``name`` and the offending value otherwise.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real admits numpy scalars; bool is an int but never a temperature.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
@@ -273,15 +282,18 @@ def validate_chunk_size(chunk_size: int | None) -> int | None:
     Raises:
         ValueError: Naming the offending value otherwise.
     """
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int)
-        or chunk_size < 1
-    ):
+    if chunk_size is None:
+        return None
+    try:
+        # operator.index admits numpy integers and refuses floats and strings.
+        size = operator.index(chunk_size)
+    except TypeError:
+        size = 0
+    if isinstance(chunk_size, bool) or size < 1:
         raise ValueError(
             f"chunk_size must be a positive integer or None, got {chunk_size!r}."
         )
-    return chunk_size
+    return size
 
 
 def similarity_from_targets(
@@ -355,6 +367,9 @@ def xclr_loss(
     Returns:
         The scalar loss, in the dtype of ``out0``.
     """
+    temperature = validate_temperature("temperature", temperature)
+    target_temperature = validate_temperature("target_temperature", target_temperature)
+    chunk_size = validate_chunk_size(chunk_size)
     cols0 = out0 if out0_all is None else out0_all
     cols1 = out1 if out1_all is None else out1_all
     row_desc = col_desc = None
@@ -370,7 +385,7 @@ def xclr_loss(
         1.0 / temperature,
         1.0 / target_temperature,
         rank_offset,
-        chunk_size or out0.shape[0],
+        out0.shape[0] if chunk_size is None else chunk_size,
     )
     return loss
 

@@ -353,6 +353,7 @@ def supcon_loss(
     target_temperature: float = 0.01,
     memory_bank_size: int | tuple[int, int] = 0,
     gather_distributed: bool = False,
+    chunk_size: int | None = None,
 ) -> nn.Module:
     """X-CLR with integer class labels as targets: supervised contrastive (SupCon).
 
@@ -369,6 +370,7 @@ def supcon_loss(
             targets.
         memory_bank_size: ``(num_entries, dim)`` for a MoCo-style bank, or 0.
         gather_distributed: Gather embeddings and labels from all processes.
+        chunk_size: Samples per block (memory linear in the batch), or None.
 
     Returns:
         An :class:`xclr_plugin.loss.XCLRLoss`.
@@ -380,4 +382,5 @@ def supcon_loss(
         target_temperature=target_temperature,
         memory_bank_size=memory_bank_size,
         gather_distributed=gather_distributed,
+        chunk_size=chunk_size,
     )
