@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from xclr_plugin.atomic import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,17 +102,8 @@ def command_line() -> str:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    write_json_atomic(path, payload)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xclr_plugin.atomic import write_text_atomic
 from xclr_plugin.cache import CaptionCache, build_caption_cache
 from xclr_plugin.captions import CaptionRecord
 from xclr_plugin.text import TextEncoder, default_model_path
@@ -45,7 +46,6 @@ from _common import (
     command_line,
     environment,
     markdown_table,
-    write_atomic,
     write_json,
 )
 
@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         },
     }
     write_json(args.out / "caption_cache.json", result)
-    write_atomic(args.out / "caption_cache.md", _markdown(result))
+    write_text_atomic(args.out / "caption_cache.md", _markdown(result))
     print(_markdown(result))
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xclr_plugin.atomic import atomic_path, write_text_atomic
+
 from _common import (
     RESULTS,
     command_line,
@@ -32,7 +34,6 @@ from _common import (
     markdown_table,
     measure_peak_mib,
     median_seconds,
-    write_atomic,
     write_json,
 )
 
@@ -156,9 +157,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax_mem.legend(fontsize=8)
     fig.suptitle(f"Contrastive losses on CPU, D={DIM}, float32 (chunk_size={CHUNK})")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def main() -> None:
@@ -247,7 +247,7 @@ def main() -> None:
         f"{environment()['cpu_count']} CPUs, address space capped at {args.memory_budget_gib:g} GiB above the "
         "process's baseline. Plot: `loss_scaling.png`.\n\n"
     )
-    write_atomic(output.with_suffix(".md"), header + table)
+    write_text_atomic(output.with_suffix(".md"), header + table)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from lightly.loss import NTXentLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xclr_plugin import XCLRLoss
+from xclr_plugin.atomic import write_text_atomic
 
 from _common import (
     RESULTS,
@@ -33,7 +34,6 @@ from _common import (
     measure_peak_mib,
     median_seconds,
     peak_rss_delta_mib,
-    write_atomic,
     write_json,
 )
 
@@ -158,7 +158,7 @@ def main() -> None:
         f"{environment()['threads']} torch threads on {environment()['cpu_count']} CPUs, float32. "
         "Peak MiB: growth of the peak resident set of a fresh process over one forward+backward.\n\n"
     )
-    write_atomic(output.with_suffix(".md"), header + table)
+    write_text_atomic(output.with_suffix(".md"), header + table)
 
 
 if __name__ == "__main__":

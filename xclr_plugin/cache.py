@@ -33,7 +33,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias, runtime_checkable
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from xclr_plugin.atomic import fsync_dir, write_json_atomic
 from xclr_plugin.captions import (
     CaptionRecord,
     detect_format,
@@ -126,37 +126,6 @@ def _file_sha256(path: Path, block: int = 1 << 22) -> str:
         while chunk := handle.read(block):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes renames inside ``path`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes JSON to a temporary file in the same folder, then renames it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -712,7 +681,7 @@ def build_caption_cache(
             )
         # The manifest goes first: a folder without one is never read as a cache.
         _remove(manifest_path)
-        _fsync_dir(out)
+        fsync_dir(out)
         _remove(out / DATA_FILE, out / KEYS_FILE)
 
     partial_path, progress_path = out / PARTIAL_FILE, out / PROGRESS_FILE
@@ -723,7 +692,7 @@ def build_caption_cache(
             partial_path, mode="w+", dtype=dtype, shape=(count, dim)
         )
         array.flush()
-        _write_json_atomic(progress_path, {"fingerprint": fingerprint, "rows_done": 0})
+        write_json_atomic(progress_path, {"fingerprint": fingerprint, "rows_done": 0})
     else:
         logger.info(
             "Resuming the caption cache at %s from row %d of %d.", out, rows_done, count
@@ -755,7 +724,7 @@ def build_caption_cache(
             array[rows_done:stop] = values
             array.flush()
             # The rows are on disk before the marker says so.
-            _write_json_atomic(
+            write_json_atomic(
                 progress_path, {"fingerprint": fingerprint, "rows_done": stop}
             )
             bar.update(stop - rows_done)
@@ -776,10 +745,10 @@ def build_caption_cache(
         "data_sha256": _file_sha256(partial_path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json_atomic(out / KEYS_FILE, [r.filename for r in records])
+    write_json_atomic(out / KEYS_FILE, [r.filename for r in records])
     os.replace(partial_path, out / DATA_FILE)
-    _fsync_dir(out)
-    _write_json_atomic(manifest_path, manifest)
+    fsync_dir(out)
+    write_json_atomic(manifest_path, manifest)
     _remove(progress_path)
     return _open_built(out, fingerprint)
 

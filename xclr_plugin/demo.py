@@ -44,18 +44,16 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import math
 import os
 import platform
 import random
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +65,7 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from xclr_plugin.atomic import atomic_path, write_json_atomic, write_text_atomic
 from xclr_plugin.captions import CaptionRecord, read_captions
 from xclr_plugin.registry import create_loss, loss_info
 from xclr_plugin.twemoji import TWEMOJI_CREDIT, load_twemoji, open_rgb_on_white
@@ -1179,31 +1178,6 @@ def format_table(
     return "\n".join(out)
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` and moves it into place on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Writes a text file atomically (temporary file, then ``os.replace``)."""
-    with _atomic(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Writes JSON atomically (temporary file, then ``os.replace``)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def plot_results(
     rows: Sequence[dict[str, Any]],
     path: str | os.PathLike[str],
@@ -1263,7 +1237,7 @@ def plot_results(
         fig.text(0.01, 0.01, footnote, fontsize=6, color="gray", wrap=True)
         fig.subplots_adjust(bottom=0.2)
     fig.tight_layout(rect=(0, 0.06 if footnote else 0, 1, 1))
-    with _atomic(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
