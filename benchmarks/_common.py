@@ -19,6 +19,16 @@ from xclr_plugin.atomic import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+#: The losses compared as the batch grows (bench_loss_scaling on CPU, cuda_check on GPU).
+LOSS_METHODS = (
+    "xclr-dense",
+    "xclr-chunked",
+    "ntxent",
+    "clip",
+    "xclr-clip-dense",
+    "xclr-clip-chunked",
+)
+
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xclr_plugin.atomic import atomic_path, write_text_atomic
 
 from _common import (
+    LOSS_METHODS,
     RESULTS,
     command_line,
     environment,
@@ -38,14 +39,7 @@ from _common import (
 )
 
 DIM, TEXT_DIM, CHUNK = 128, 384, 1024
-METHODS = (
-    "xclr-dense",
-    "xclr-chunked",
-    "ntxent",
-    "clip",
-    "xclr-clip-dense",
-    "xclr-clip-chunked",
-)
+METHODS = LOSS_METHODS
 
 
 def make_step(method: str, batch_size: int) -> Callable[[], None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from lightly.loss import NTXentLoss
 from open_clip.loss import ClipLoss
 
 from xclr_plugin import XCLRLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import LOSS_METHODS
 
 DIM, TEXT_DIM = 128, 384
 
@@ -217,14 +221,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=[
-            "xclr-dense",
-            "xclr-chunked",
-            "ntxent",
-            "clip",
-            "xclr-clip-dense",
-            "xclr-clip-chunked",
-        ],
+        default=list(LOSS_METHODS),
     )
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=10)

@@ -243,16 +243,9 @@ class XCLRClipLoss(ClipLoss):
         logit_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``ClipLoss.get_logits``: gathers (if distributed), then the logits."""
-        all_image_features, all_text_features = self.gather(
-            image_features, text_features
-        )
+        everyone = self.gather(image_features, text_features)
         return self.logits_from_features(
-            image_features,
-            text_features,
-            all_image_features,
-            all_text_features,
-            logit_scale,
-            logit_bias,
+            image_features, text_features, *everyone, logit_scale, logit_bias
         )
 
     # -- targets -------------------------------------------------------------------
