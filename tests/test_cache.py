@@ -14,6 +14,7 @@ import torch
 from xclr_plugin.cache import (
     DATA_FILE,
     KEYS_FILE,
+    LOCK_FILE,
     MANIFEST_FILE,
     PARTIAL_FILE,
     PROGRESS_FILE,
@@ -110,6 +111,7 @@ def _copy_cache(cache: CaptionCache, dst: Path) -> Path:
 
 def test_round_trip_float16(built: CaptionCache, reference: torch.Tensor) -> None:
     assert sorted(p.name for p in built.path.iterdir()) == [
+        LOCK_FILE,
         DATA_FILE,
         KEYS_FILE,
         MANIFEST_FILE,
@@ -456,9 +458,58 @@ def test_cli_builds_cache_from_open_clip_tsv(
 
 
 def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path / "missing.tsv"), "-o", str(tmp_path / "out")]) == 1
+    assert main([str(tmp_path / "missing.tsv"), "-o", str(tmp_path / "out")]) == 2
     assert "Captions file not found" in capsys.readouterr().err
     csv = tmp_path / "comma.csv"
     csv.write_text("filepath,title\na.png,a cat\n")
-    assert main([str(csv), "-o", str(tmp_path / "out")]) == 1
+    assert main([str(csv), "-o", str(tmp_path / "out")]) == 2
     assert "Is the separator right" in capsys.readouterr().err
+
+
+# -- non-finite rows (issue 12, wrong #1) ----------------------------------------------
+
+
+def test_open_check_finite_names_folder_count_and_first_key(
+    built: CaptionCache, tmp_path: Path
+) -> None:
+    path = _copy_cache(built, tmp_path / "nan")
+    array = np.load(path / DATA_FILE, mmap_mode="r+")
+    array[7, 3] = np.nan
+    array[20, 0] = np.inf
+    array.flush()
+    del array
+    CaptionCache.open(path)  # the default open does not read the rows
+    with pytest.raises(ValueError) as info:
+        CaptionCache.open(path, records=RECORDS, check_finite=True)
+    message = str(info.value)
+    assert str(path) in message and "2 row(s)" in message
+    assert "'img_07.png'" in message
+    # Chunk boundaries do not change the count or the first row.
+    with pytest.raises(ValueError, match=r"2 row\(s\).*row 7 \(key 'img_07\.png'\)"):
+        CaptionCache.open(path).check_finite(chunk_rows=5)
+    CaptionCache.open(built.path, check_finite=True)  # a clean cache passes
+
+
+def test_caption_table_refuses_non_finite_embeddings(encoder: TextEncoder) -> None:
+    values = torch.randn(4, 8)
+    values[2, 1] = float("nan")
+    values[3, 0] = -float("inf")
+    with pytest.raises(
+        ValueError, match=r"2 row\(s\) with NaN or infinite.*row 2 \(key 'c'\)"
+    ):
+        CaptionTable(values, ["a", "b", "c", "d"])
+
+    class NaNEncoder:
+        name, dim = "nan", 8
+
+        def encode(self, texts: Sequence[str]) -> torch.Tensor:
+            out = torch.ones(len(texts), 8)
+            out[1] = float("nan")
+            return out
+
+    with pytest.raises(ValueError, match=r"1 row\(s\).*'img_01\.png'"):
+        CaptionTable.from_records(RECORDS[:3], NaNEncoder())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        CaptionTable(np.ones((2, 3)), ["a", "b"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="floating-point"):
+        CaptionTable(torch.ones(2, 3, dtype=torch.int64), ["a", "b"])

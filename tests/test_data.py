@@ -257,12 +257,16 @@ def test_error_wrong_or_missing_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Is the separator right"):
         read_csv_captions(comma)
     ragged = tmp_path / "ragged.tsv"
-    ragged.write_text("filepath\ttitle\na.png\ta cat\textra\n")
-    with pytest.raises(ValueError, match="line 2: expected 2 fields"):
+    ragged.write_text("filepath\ttitle\na.png\ta cat\nb.png\ta dog\textra\n")
+    with pytest.raises(ValueError, match="Expected 2 fields in line 3, saw 3"):
         read_csv_captions(ragged)
+    shifted = tmp_path / "shifted.tsv"
+    shifted.write_text("filepath\ttitle\na.png\ta cat\textra\n")
+    with pytest.raises(ValueError, match="more fields than the header"):
+        read_csv_captions(shifted)
     short = tmp_path / "short.tsv"
     short.write_text("filepath\ttitle\na.png\n")
-    with pytest.raises(ValueError, match="line 2: expected 2 fields"):
+    with pytest.raises(ValueError, match="line 2: image 'a.png' has no caption"):
         read_csv_captions(short)
     labels = tmp_path / "labels.tsv"
     labels.write_text("filepath\ttitle\tlabel\na.png\ta cat\tcat\n")

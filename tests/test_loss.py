@@ -227,9 +227,9 @@ def _batch_strategy() -> st.SearchStrategy[
     tuple[int, int, int, float, float, str, int]
 ]:
     return st.tuples(
-        st.integers(2, 12),  # batch size
+        st.integers(1, 12),  # batch size
         st.integers(1, 9),  # embedding dim
-        st.integers(1, 6),  # caption dim / number of classes
+        st.integers(2, 6),  # caption dim / number of classes
         st.floats(0.02, 3.0),  # temperature
         st.floats(0.01, 3.0),  # target temperature
         st.sampled_from(["none", "captions", "labels", "zero-captions"]),
@@ -384,10 +384,36 @@ class TestBadInput:
                 r"out1 must be 2-D \(batch_size, dim\), got shape \(4, 3, 1\)",
             ),
             (
-                torch.randn(1, 3),
-                torch.randn(1, 3),
+                torch.randn(0, 3),
+                torch.randn(0, 3),
                 None,
-                r"batch of at least 2 samples, got batch_size=1",
+                r"need at least 1 sample and 1 feature, got shape \(0, 3\)",
+            ),
+            (
+                torch.randn(4, 0),
+                torch.randn(4, 0),
+                None,
+                r"need at least 1 sample and 1 feature, got shape \(4, 0\)",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.randn(4, 1),
+                r"Caption embeddings need text_dim >= 2, got targets of shape \(4, 1\).*"
+                r"If these are class labels, pass them as a 1-D integer tensor",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.randn(4, 0),
+                r"Caption embeddings need text_dim >= 2, got targets of shape \(4, 0\)",
+            ),
+            (
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.ones(4, 1, dtype=torch.long),
+                r"must be floating point, got torch.int64. For class labels pass a 1-D "
+                r"tensor: targets.squeeze\(1\)",
             ),
             (
                 torch.ones(4, 3, dtype=torch.long),
@@ -443,16 +469,69 @@ class TestBadInput:
         with pytest.raises(ValueError, match=message):
             XCLRLoss()(out0, out1, targets)
 
-    def test_gather_without_process_group(self) -> None:
-        loss_fn = XCLRLoss(gather_distributed=True)
-        with pytest.raises(
-            ValueError, match=r"no torch\.distributed process group is initialised"
-        ):
-            loss_fn(torch.randn(4, 3), torch.randn(4, 3))
-
     def test_memory_bank_size_must_name_the_dimension(self) -> None:
-        with pytest.raises(ValueError, match="does not specify the feature dimension"):
+        # As lightly 1.6's MemoryBankModule, from our own check (any lightly version).
+        with pytest.raises(
+            ValueError,
+            match=r"memory_bank_size=128 does not specify the feature dimension\. "
+            r"Set it with memory_bank_size=\(128, dim\), or pass memory_bank_size=0",
+        ):
             XCLRLoss(memory_bank_size=128)
+
+    @pytest.mark.parametrize(
+        ("size", "error", "message"),
+        [
+            (2.5, TypeError, r"got 2\.5 \(float\)"),
+            ("16", TypeError, r"got '16' \(str\)"),
+            (None, TypeError, r"got None \(NoneType\)"),
+            ((16,), TypeError, r"got \(16,\)"),
+            ((16, 2.5), TypeError, r"got \(16, 2\.5\)"),
+            (("16", "8"), TypeError, r"got \('16', '8'\)"),
+            ((16, 8, 1), TypeError, r"got \(16, 8, 1\)"),
+            ((-1, 8), ValueError, r"non-negative, got \(-1, 8\)"),
+            (True, ValueError, r"memory_bank_size=True does not specify"),
+        ],
+    )
+    def test_memory_bank_size_type_and_value(
+        self, size: object, error: type[Exception], message: str
+    ) -> None:
+        with pytest.raises(error, match=r"memory_bank_size"):
+            XCLRLoss(memory_bank_size=size)  # type: ignore[arg-type]
+        with pytest.raises(error, match=message):
+            XCLRLoss(memory_bank_size=size)  # type: ignore[arg-type]
+
+    def test_memory_bank_size_accepts_lists_and_numpy(self) -> None:
+        import numpy as np
+
+        size: Any = [np.int64(8), 3]
+        assert XCLRLoss(memory_bank_size=size).memory_bank.size == (8, 3)
+        assert XCLRLoss(memory_bank_size=0).memory_bank.size == (0,)
+
+    @pytest.mark.parametrize("name", ["temperature", "target_temperature"])
+    @pytest.mark.parametrize("value", [1e-320, 1e-39, 2e-39])
+    def test_temperature_whose_inverse_overflows(self, name: str, value: float) -> None:
+        # 1/1e-320 is inf: the loss would be NaN. Refused at construction.
+        with pytest.raises(
+            ValueError, match=rf"{name} must be a finite number > 0 whose inverse is finite"
+        ):
+            XCLRLoss(**{name: value})
+
+    def test_tiny_accepted_temperatures(self) -> None:
+        assert XCLRLoss(temperature=3e-39).temperature == 3e-39
+        out0, out1 = _views(4, 3)
+        loss = XCLRLoss(temperature=1e-30, target_temperature=1e-30)(
+            out0.float(), out1.float(), torch.randn(4, 2)
+        )
+        assert torch.isfinite(loss)
+
+    def test_targets_and_labels_together(self) -> None:
+        with pytest.raises(ValueError, match="as targets or as labels, not both"):
+            XCLRLoss()(
+                torch.randn(4, 3),
+                torch.randn(4, 3),
+                torch.arange(4),
+                labels=torch.arange(4),
+            )
 
     def test_memory_bank_refuses_other_target_kinds(self) -> None:
         loss_fn = XCLRLoss(memory_bank_size=(8, 3))

@@ -1,8 +1,4 @@
-"""X-Sample Contrastive Loss (X-CLR), two-view form, in lightly's conventions.
-
-This file imports only ``torch`` and ``lightly`` so that it can be proposed upstream as
-``lightly/loss/xclr_loss.py``.
-"""
+"""X-Sample Contrastive Loss (X-CLR), two-view form, in lightly's conventions."""
 
 from __future__ import annotations
 
@@ -13,16 +9,18 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from lightly.models.modules.memory_bank import MemoryBankModule
-from lightly.utils import dist
 from torch import Tensor, nn
 from torch import distributed as torch_dist
+
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.utils import dist
 
 __all__ = [
     "XCLRLoss",
     "gather_without_grad",
     "similarity_from_targets",
     "validate_chunk_size",
+    "validate_targets",
     "validate_temperature",
     "xclr_loss",
 ]
@@ -55,31 +53,36 @@ class XCLRLoss(nn.Module):
     - [2] SupCon, 2020, https://arxiv.org/abs/2004.11362
 
     Attributes:
-        temperature: Logit temperature ``tau``; finite and > 0.
-        target_temperature: Temperature ``tau_s`` of the target distribution; finite
-            and > 0.
+        temperature: Logit temperature ``tau``; finite, > 0, and ``1 / tau`` finite
+            in float32.
+        target_temperature: Temperature ``tau_s`` of the target distribution; same
+            rule.
         memory_bank_size: ``(num_entries, dim)`` to score ``out0`` against ``out1`` and a
             MoCo-style bank of earlier ``out1`` (as ``NTXentLoss``), or 0 to disable.
             The bank stores each entry's description next to its embedding.
         gather_distributed: If True, embeddings (with gradient) and targets (without)
             are gathered from all processes, so every sample is scored against the
-            global batch. Needs an initialised process group.
+            global batch. Without a process group (or with one process) this is the
+            single-process loss, as in ``NTXentLoss``.
         chunk_size: If set, the loss and its gradient are computed for this many
             samples at a time, so peak memory grows linearly with the batch size
             (``2 * chunk_size x 2B`` floats) instead of quadratically; same values and
             gradients, about the same speed. None (default) does the whole batch at once.
 
     Raises:
-        ValueError: If a temperature is not a finite number > 0, or if
-            ``gather_distributed`` is True but ``torch.distributed`` is unavailable.
+        ValueError: If a temperature is not a finite number > 0 (or so small that its
+            inverse overflows), if ``memory_bank_size`` is not 0 or a
+            ``(num_entries, dim)`` pair, or if ``gather_distributed`` is True but
+            ``torch.distributed`` is not available.
+        TypeError: If ``memory_bank_size`` is neither an integer nor a pair.
 
     Examples:
         >>> loss_fn = XCLRLoss(temperature=0.1, target_temperature=0.1)
-        >>> out0, out1 = model(view0), model(view1)        # (B, D) each
-        >>> captions = text_encoder(batch_captions)         # (B, Dt), frozen
+        >>> out0, out1 = model(view0), model(view1)  # (B, D) each
+        >>> captions = text_encoder(batch_captions)  # (B, Dt), frozen
         >>> loss = loss_fn(out0, out1, captions)
-        >>> loss = loss_fn(out0, out1, labels)              # (B,) int: SupCon-like
-        >>> loss = loss_fn(out0, out1)                      # identity graph: NT-Xent
+        >>> loss = loss_fn(out0, out1, labels=labels)  # (B,) int: SupCon-like
+        >>> loss = loss_fn(out0, out1)  # identity graph: NT-Xent
     """
 
     def __init__(
@@ -104,7 +107,8 @@ class XCLRLoss(nn.Module):
                 "distributed support."
             )
         self.memory_bank = MemoryBankModule(
-            size=memory_bank_size, gather_distributed=gather_distributed
+            size=_validate_memory_bank_size(memory_bank_size),
+            gather_distributed=gather_distributed,
         )
         # Descriptions of the bank entries, allocated on the first batch with targets
         # (their kind and width are unknown until then). Entries never filled with a
@@ -115,7 +119,12 @@ class XCLRLoss(nn.Module):
         self.register_buffer("bank_description_valid", None, persistent=False)
 
     def forward(
-        self, out0: Tensor, out1: Tensor, targets: Tensor | None = None
+        self,
+        out0: Tensor,
+        out1: Tensor,
+        targets: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """Computes the loss of a batch.
 
@@ -123,21 +132,27 @@ class XCLRLoss(nn.Module):
             out0: Projections of the first views. Shape: (batch_size, dim).
             out1: Projections of the second views. Shape: (batch_size, dim).
             targets: Descriptions of the samples: caption embeddings, shape
-                (batch_size, text_dim), floating point; or class labels, shape
-                (batch_size,), integer; or None for the identity graph (NT-Xent).
+                (batch_size, text_dim) with text_dim >= 2, floating point; or class
+                labels, shape (batch_size,), integer; or None for the identity graph
+                (NT-Xent).
+            labels: Another name for integer class labels ``targets`` (as in
+                supervised contrastive losses); pass one of the two.
 
         Returns:
             The mean loss over the ``2 * batch_size`` views, a scalar.
+
+        Raises:
+            ValueError: If the inputs have the wrong shape, dtype or device, or if
+                both ``targets`` and ``labels`` are given.
         """
+        if labels is not None:
+            if targets is not None:
+                raise ValueError(
+                    "Pass the sample descriptions as targets or as labels, not both."
+                )
+            targets = labels
         use_bank = self.memory_bank.size[0] > 0
-        gather = self.gather_distributed and dist.world_size() > 1
-        _validate_inputs(out0, out1, targets, allow_single=use_bank or gather)
-        if self.gather_distributed and not torch_dist.is_initialized():
-            raise ValueError(
-                "gather_distributed=True but no torch.distributed process group is "
-                "initialised. Call torch.distributed.init_process_group (DDP and "
-                "Lightning do this) or set gather_distributed=False."
-            )
+        _validate_inputs(out0, out1, targets)
         dtype = _compute_dtype(out0.dtype)
         with torch.autocast(device_type=out0.device.type, enabled=False):
             out0 = F.normalize(out0.to(dtype), dim=1)
@@ -152,7 +167,9 @@ class XCLRLoss(nn.Module):
                 return self._forward_memory_bank(out0, out1, targets)
             out0_all = out1_all = targets_all = None
             rank_offset = 0
-            if gather:
+            # Without a process group (or with one process) gathering is a no-op, as in
+            # NTXentLoss: a multi-GPU config also runs on one device.
+            if self.gather_distributed and dist.world_size() > 1:
                 out0_all = torch.cat(dist.gather(out0), dim=0)
                 out1_all = torch.cat(dist.gather(out1), dim=0)
                 if targets is not None:
@@ -206,8 +223,10 @@ class XCLRLoss(nn.Module):
             (similarity / self.target_temperature).masked_fill(mask, -math.inf), dim=1
         )
         log_probs = torch.log_softmax(logits, dim=1)
+        # Exactly-zero targets (empty bank slots) contribute 0, never 0 * -inf; a NaN
+        # target stays NaN (NaN in, NaN out).
         loss = (
-            -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(1).mean()
+            -torch.where(target_probs == 0, 0.0, target_probs * log_probs).sum(1).mean()
         )
         if update:
             self._enqueue_descriptions(targets, ptr)
@@ -262,17 +281,28 @@ class XCLRLoss(nn.Module):
         self.bank_description_valid[ptr:end] = True
 
 
-def validate_temperature(name: str, value: float) -> float:
-    """Returns ``value`` as a float if it is a finite number > 0.
+def validate_temperature(name: str, value: object) -> float:
+    """Returns ``value`` as a float if it is a usable temperature.
+
+    A temperature must be a finite real number > 0 whose inverse is finite in float32
+    (``value >= 2.94e-39``): the logits are scaled by ``1 / value``.
 
     Raises:
         ValueError: Naming ``name`` and the offending value otherwise.
     """
     # numbers.Real admits numpy scalars; bool is an int but never a temperature.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if 1.0 / float(value) > torch.finfo(torch.float32).max:
+        raise ValueError(
+            f"{name} must be a finite number > 0 whose inverse is finite in float32 "
+            f"(>= {1.0 / torch.finfo(torch.float32).max:.3g}), got {value!r}."
+        )
     return float(value)
 
 
@@ -463,8 +493,14 @@ class _XCLRTwoView(torch.autograd.Function):
         chunk = min(chunk, n)
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         want_rows, want_cols = needs[0] or needs[1], needs[2] or needs[3]
+        # View-0 rows see the columns as [view 0; view 1], view-1 rows as [view 1;
+        # view 0]: each row then meets its own view first, so swapping out0 and out1
+        # gives bitwise the same rows and, summed in pairs, the same loss (lightly's
+        # symmetry tests compare the two to 1e-6 in float32).
         cols = torch.cat([c0, c1])
+        cols_sw = torch.cat([c1, c0])
         cols_scaled = cols * inv_tau
+        cols_sw_scaled = cols_sw * inv_tau
         s_cols = c0 + c1 if row_desc is not None else None
         grad_rows = z0.new_empty(2 * n, z0.shape[1]) if want_rows else None
         grad_cols = torch.zeros_like(cols) if want_cols else None
@@ -481,23 +517,33 @@ class _XCLRTwoView(torch.autograd.Function):
             own0, own1 = c0[own_col], c1[own_col]
             logits = logits_buf[: 2 * c]
             torch.mm(z0c, cols_scaled.T, out=logits[:c])
-            torch.mm(z1c, cols_scaled.T, out=logits[c:])
+            torch.mm(z1c, cols_sw_scaled.T, out=logits[c:])
             # A view is not its own candidate: -inf gives it probability exactly 0.
             logits[local, own_col] = -math.inf
-            logits[local + c, own_col + m] = -math.inf
+            logits[local + c, own_col] = -math.inf
             row_max = logits.amax(dim=1)
+            if row_desc is None:
+                # The positive logits, read before the softmax overwrites them: each
+                # row's loss is then formed before rows are summed (no cancellation
+                # between large sums), and a lone candidate gives exactly 0 (B = 1).
+                target_logits = torch.cat(
+                    [logits[local, own_col + m], logits[local + c, own_col + m]]
+                )
             probs = _softmax_(logits)
             # LSE = max_b l_ab - log max_b P_ab: softmax keeps the argmax and the largest
             # probability is >= 1 / (2m - 1), so the log never sees 0.
-            total += (row_max - torch.log(probs.amax(dim=1))).sum()
+            row_lse = row_max - torch.log(probs.amax(dim=1))
             if grad_rows is not None:
                 torch.mm(probs[:c], cols, out=grad_rows[start:stop])
-                torch.mm(probs[c:], cols, out=grad_rows[n + start : n + stop])
+                torch.mm(probs[c:], cols_sw, out=grad_rows[n + start : n + stop])
             if grad_cols is not None:
-                grad_cols.addmm_(probs[:c].T, z0c).addmm_(probs[c:].T, z1c)
+                grad_cols.addmm_(probs[:c].T, z0c)
+                grad_cols[:m].addmm_(probs[c:, m:].T, z1c)
+                grad_cols[m:].addmm_(probs[c:, :m].T, z1c)
             if row_desc is None:
                 # Identity graph: all target mass on the other view of the same sample.
-                total -= inv_tau * ((z0c * own1).sum() + (z1c * own0).sum())
+                row_loss = row_lse - target_logits
+                total += (row_loss[:c] + row_loss[c:]).sum()
                 if grad_rows is not None:
                     grad_rows[start:stop] -= own1
                     grad_rows[n + start : n + stop] -= own0
@@ -518,12 +564,15 @@ class _XCLRTwoView(torch.autograd.Function):
             w_own = weights[local, own_col][:, None]
             weighted_cols = weights @ s_cols
             s_rows = z0c + z1c
-            own_dots = (z0c * own0).sum(1, keepdim=True) + (z1c * own1).sum(
-                1, keepdim=True
+            # sum_b G_ab l_ab per row: view-0 rows, then view-1 rows.
+            target_logits = torch.cat(
+                [
+                    (z0c * weighted_cols).sum(1) - w_own[:, 0] * (z0c * own0).sum(1),
+                    (z1c * weighted_cols).sum(1) - w_own[:, 0] * (z1c * own1).sum(1),
+                ]
             )
-            total -= inv_tau * (
-                (s_rows * weighted_cols).sum() - (w_own * own_dots).sum()
-            )
+            row_loss = row_lse - inv_tau * target_logits
+            total += (row_loss[:c] + row_loss[c:]).sum()
             if grad_rows is not None:
                 grad_rows[start:stop] -= weighted_cols - w_own * own0
                 grad_rows[n + start : n + stop] -= weighted_cols - w_own * own1
@@ -580,9 +629,43 @@ def gather_without_grad(tensor: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _validate_inputs(
-    out0: Tensor, out1: Tensor, targets: Tensor | None, *, allow_single: bool
-) -> None:
+def _validate_memory_bank_size(size: object) -> int | tuple[int, int]:
+    """Returns ``size`` as 0 or a ``(num_entries, dim)`` pair of integers.
+
+    Raises:
+        TypeError: If ``size`` is neither an integer nor a sequence of two integers.
+        ValueError: If ``size`` is a positive bare integer (the embedding dimension is
+            missing, as in ``MemoryBankModule``) or has negative entries.
+    """
+    expected = "0 (no memory bank) or a (num_entries, dim) pair such as (4096, 128)"
+    if isinstance(size, (str, bytes)) or not isinstance(size, (int, Sequence)):
+        raise TypeError(
+            f"memory_bank_size must be {expected}, got {size!r} "
+            f"({type(size).__name__})."
+        )
+    if isinstance(size, int):
+        if isinstance(size, bool) or size != 0:
+            raise ValueError(
+                f"memory_bank_size={size!r} does not specify the feature dimension. "
+                f"Set it with memory_bank_size=({int(size)}, dim), or pass "
+                "memory_bank_size=0 to disable the memory bank."
+            )
+        return 0
+    try:
+        # operator.index admits numpy integers and refuses floats and strings.
+        pair = tuple(operator.index(x) for x in size if not isinstance(x, (bool, str)))
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or len(size) != 2:
+        raise TypeError(f"memory_bank_size must be {expected}, got {size!r}.")
+    if min(pair) < 0:
+        raise ValueError(
+            f"memory_bank_size entries must be non-negative, got {size!r}."
+        )
+    return pair[0], pair[1]
+
+
+def _validate_inputs(out0: Tensor, out1: Tensor, targets: Tensor | None) -> None:
     for name, out in (("out0", out0), ("out1", out1)):
         if not isinstance(out, Tensor):
             raise ValueError(
@@ -605,10 +688,11 @@ def _validate_inputs(
         raise ValueError(
             f"out0 and out1 must be on the same device, got {out0.device} and {out1.device}."
         )
-    batch_size = out0.shape[0]
-    if batch_size < 2 and not allow_single:
+    batch_size, dim = out0.shape
+    if batch_size < 1 or dim < 1:
         raise ValueError(
-            f"out0 and out1 need a batch of at least 2 samples, got batch_size={batch_size}."
+            "out0 and out1 need at least 1 sample and 1 feature, got shape "
+            f"{tuple(out0.shape)}."
         )
     if targets is None:
         return
@@ -620,6 +704,19 @@ def _validate_inputs(
         raise ValueError(
             f"targets must be on the device of out0 ({out0.device}), got {targets.device}."
         )
+    validate_targets(targets, batch_size)
+
+
+def validate_targets(targets: Tensor, batch_size: int) -> None:
+    """Checks that ``targets`` are caption embeddings or class labels of a batch.
+
+    Caption embeddings are ``(batch_size, text_dim)`` floats with ``text_dim >= 2``
+    (the cosine similarity of 1-D embeddings is only ``+-1``); labels are
+    ``(batch_size,)`` integers.
+
+    Raises:
+        ValueError: Naming the expected and the received shape or dtype.
+    """
     if targets.ndim not in (1, 2):
         raise ValueError(
             "targets must be caption embeddings (batch_size, text_dim) or labels "
@@ -640,6 +737,17 @@ def _validate_inputs(
             "Pass caption embeddings as a 2-D (batch_size, text_dim) float tensor."
         )
     if targets.ndim == 2 and not targets.is_floating_point():
+        hint = (
+            " For class labels pass a 1-D tensor: targets.squeeze(1)."
+            if targets.shape[1] == 1
+            else ""
+        )
         raise ValueError(
-            f"2-D targets are caption embeddings and must be floating point, got {targets.dtype}."
+            f"2-D targets are caption embeddings and must be floating point, got {targets.dtype}.{hint}"
+        )
+    if targets.ndim == 2 and targets.shape[1] < 2:
+        raise ValueError(
+            f"Caption embeddings need text_dim >= 2, got targets of shape {tuple(targets.shape)}: "
+            "the cosine similarity of 1-D embeddings is only -1, 0 or +1. If these are "
+            "class labels, pass them as a 1-D integer tensor: targets.squeeze(1).long()."
         )

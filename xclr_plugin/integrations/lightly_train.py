@@ -15,9 +15,14 @@ so the run reproduces ``lightly-ssl-train`` step for step. Losses with targets g
 collate (:class:`xclr_plugin.data.XCLRCollate`) that puts the caption embeddings or
 class labels in the batch's target slot, and a module that passes them to the loss.
 
-Everything that can be wrong with the config (loss name and arguments, caption source,
-captions that do not cover the images, missing class folders) raises before the model
-is built.
+Everything that can be wrong with the config is found before training starts: the
+types and ranges of the keys, the loss name and arguments, the caption source, captions
+that do not cover the images (or are not finite), missing class folders, an empty or
+unreadable ``input_dir``, an image that PIL cannot open, a batch too small to contrast,
+and the Lightning trainer settings (the trainer is built first). The command prints
+one line ``xclr-train: error: ...`` and exits with status 2; from Python, ``train``
+raises ``ValueError`` (``TypeError`` for a loss argument). A non-finite loss stops
+training before the step's update with :class:`NonFiniteLossError` (status 1).
 
 Examples:
     Command line::
@@ -36,10 +41,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
+import math
 import os
 import random
+import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +66,14 @@ from lightly.cli._helpers import (
     load_state_dict_from_url,
 )
 from lightly.data import LightlyDataset, MultiViewCollate
-from lightly.embedding import SelfSupervisedEmbedding
+from lightly.data._helpers import IMG_EXTENSIONS
+from lightly.embedding import SelfSupervisedEmbedding, callbacks
 from lightly.models import ResNetGenerator
 from lightly.models.batchnorm import get_norm_layer
 from lightly.transforms import SimCLRTransform
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from xclr_plugin.registry import LossSpec, build_criterion, loss_info
@@ -70,6 +81,7 @@ from xclr_plugin.registry import LossSpec, build_criterion, loss_info
 __all__ = [
     "CONFIG_DIR",
     "CONFIG_NAME",
+    "NonFiniteLossError",
     "TargetEmbedding",
     "TrainResult",
     "load_config",
@@ -99,6 +111,42 @@ class TrainResult:
     checkpoint: str
     metrics: dict[str, float] = field(default_factory=dict)
     loss_name: str = "ntxent"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before that step's update."""
+
+
+class _StopOnNonFiniteLoss(Callback):  # type: ignore[misc]
+    """Stops training on a non-finite loss, before its gradients reach the weights.
+
+    Checked in ``on_before_backward``, so the bad step updates nothing and the
+    checkpoints written so far stay finite. Under DDP the decision is reduced over
+    the processes (one tiny all-reduce per step), so every process stops together
+    instead of the others waiting forever in the next collective.
+    """
+
+    def __init__(self, loss_name: str) -> None:
+        self.loss_name = loss_name
+
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: Tensor
+    ) -> None:
+        """Raises :class:`NonFiniteLossError` if ``loss`` is NaN or infinite on any process."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            value = (
+                "non-finite on another process"
+                if finite
+                else str(loss.detach().float().flatten()[0].item())
+            )
+            raise NonFiniteLossError(
+                f"the {self.loss_name} loss is {value} at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step}; training stopped before this step's "
+                "update (checkpoints of earlier epochs are kept). Usual causes: a too "
+                "high optimizer.lr, a too low criterion.temperature, or non-finite "
+                "caption embeddings."
+            )
 
 
 class TargetEmbedding(SelfSupervisedEmbedding):  # type: ignore[misc]
@@ -191,6 +239,158 @@ def _check_two_view(spec: LossSpec) -> None:
             f"SimCLR model and needs a two-view loss such as ntxent, xclr or supcon. "
             f"Train image-text losses with the open_clip integration "
             f"(xclr_plugin.integrations.open_clip_train)."
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _is_bank_size(value: Any) -> bool:
+    if _is_int(value):
+        return bool(value == 0)
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(_is_int(v) and v > 0 for v in value)
+    )
+
+
+_RESNETS = (
+    "resnet-9",
+    "resnet-18",
+    "resnet-34",
+    "resnet-50",
+    "resnet-101",
+    "resnet-152",
+)
+
+# (key, accepts, what it must be, None allowed). Hydra turns a mistyped value into a
+# string (max_epochs=abc) that lightly and Lightning only trip over deep inside
+# training, so the keys xclr-train itself passes on are checked here, by name.
+_VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str, bool]] = [
+    ("pre_trained", lambda v: isinstance(v, bool), "true or false", False),
+    ("seed", _is_int, "an integer", False),
+    ("model.name", lambda v: v in _RESNETS, f"one of {list(_RESNETS)}", False),
+    ("model.width", lambda v: _is_number(v) and v > 0, "a number > 0", False),
+    ("model.num_ftrs", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
+    ("model.out_dim", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
+    ("criterion.temperature", _is_number, "a number", True),
+    ("criterion.target_temperature", _is_number, "a number", True),
+    (
+        "criterion.gather_distributed",
+        lambda v: isinstance(v, bool),
+        "true or false",
+        True,
+    ),
+    (
+        "criterion.memory_bank_size",
+        _is_bank_size,
+        "0 or [num_entries, out_dim] (two integers > 0)",
+        True,
+    ),
+    ("optimizer.lr", lambda v: _is_number(v) and v >= 0, "a number >= 0", False),
+    (
+        "optimizer.weight_decay",
+        lambda v: _is_number(v) and v >= 0,
+        "a number >= 0",
+        False,
+    ),
+    ("collate.input_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
+    ("loader.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
+    ("loader.num_workers", _is_int, "an integer (-1: one per CPU core)", False),
+    ("loader.shuffle", lambda v: isinstance(v, bool), "true or false", False),
+    ("loader.drop_last", lambda v: isinstance(v, bool), "true or false", False),
+    ("trainer.gpus", lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
+    (
+        "trainer.max_epochs",
+        lambda v: _is_int(v) and (v >= 1 or v == -1),
+        "an integer >= 1, or -1 for no limit (0 trains nothing and writes no "
+        "checkpoint)",
+        True,
+    ),
+    (
+        "trainer.max_steps",
+        lambda v: _is_int(v) and (v >= 1 or v == -1),
+        "an integer >= 1, or -1 for no limit",
+        True,
+    ),
+    (
+        "checkpoint_callback.save_last",
+        lambda v: isinstance(v, bool),
+        "true or false",
+        True,
+    ),
+    (
+        "checkpoint_callback.save_top_k",
+        lambda v: _is_int(v) and v >= -1,
+        "an integer >= -1",
+        False,
+    ),
+    (
+        "summary_callback.max_depth",
+        lambda v: _is_int(v) and v >= -1,
+        "an integer >= -1",
+        False,
+    ),
+    ("check_images", lambda v: isinstance(v, bool), "true or false", False),
+    ("captions.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", True),
+]
+
+_ABSENT = object()
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Checks the type and range of every key xclr-train passes on.
+
+    Raises:
+        ValueError: Naming the first bad key, what it must be and what it is.
+    """
+    for key, accepts, expected, nullable in _VALUE_CHECKS:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or (value is None and nullable):
+            continue
+        plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if not accepts(plain):
+            raise ValueError(f"{key} must be {expected}, got {plain!r}.")
+
+
+def _check_loss_arguments(spec: LossSpec, criterion: Mapping[str, Any]) -> None:
+    """Names exactly the ``criterion.*`` keys the loss does not take.
+
+    Raises:
+        TypeError: Listing the rejected keys and the ones the loss accepts.
+    """
+    try:
+        parameters = inspect.signature(spec.load()).parameters
+    except (TypeError, ValueError):  # no signature: the constructor checks itself
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [
+        name
+        for name, p in parameters.items()
+        if p.kind
+        in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    rejected = [
+        k
+        for k, v in criterion.items()
+        if k != "name" and v is not None and k not in accepted
+    ]
+    if rejected:
+        raise TypeError(
+            f"criterion.name={spec.name} ({spec.value}) does not take "
+            f"{', '.join('criterion.' + k for k in rejected)}. It accepts: "
+            f"{', '.join('criterion.' + k for k in accepted) or 'no arguments'}."
         )
 
 
@@ -334,41 +534,48 @@ def _align_records(
     return aligned
 
 
-def prepare_targets(
-    cfg: DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
-) -> tuple[Any, str]:
-    """Checks the config for the chosen loss and builds what its targets need.
-
-    Args:
-        cfg: The ``xclr-train`` config.
-        is_cli_call: Resolve relative paths against hydra's original working directory.
-
-    Returns:
-        ``(collate_fn, kind)``: lightly's ``MultiViewCollate`` and ``"none"`` for losses
-        without targets; an :class:`xclr_plugin.data.XCLRCollate` with the caption
-        embeddings (``"captions"``) or with ``use_labels=True`` (``"labels"``).
+def _list_images(input_dir: str | None) -> LightlyDataset:
+    """The images of ``input_dir``, as ``LightlyDataset`` finds them (no transform yet).
 
     Raises:
-        ValueError: For an unknown loss name, an image-text loss, bad loss arguments
-            (``TypeError``), a missing captions source, captions that do not cover the
-            images, or a folder without at least two class subfolders for label losses.
+        ValueError: If ``input_dir`` is unset, missing, not a folder, unreadable, or
+            holds no image lightly can read.
     """
-    config = _as_config(cfg)
-    criterion = _criterion_config(config)
-    spec = loss_info(str(criterion["name"]))
-    _check_two_view(spec)
-    build_criterion(criterion)  # checks the arguments now (the real one is built later)
-    input_dir = _path(config.get("input_dir"), is_cli_call)
     if input_dir is None:
         raise ValueError("input_dir is not set: pass input_dir=<image folder>.")
+    if not os.path.exists(input_dir):
+        raise ValueError(f"input_dir {input_dir!r} does not exist.")
     if not os.path.isdir(input_dir):
         raise ValueError(f"input_dir {input_dir!r} is not a folder.")
+    try:
+        os.listdir(input_dir)
+        dataset = LightlyDataset(input_dir)
+    except PermissionError as err:
+        raise ValueError(f"input_dir {input_dir!r} cannot be read: {err}.") from None
+    except (RuntimeError, FileNotFoundError) as err:
+        # torchvision: "Found 0 files in folder ..." (also for a folder of non-images).
+        raise ValueError(
+            f"input_dir {input_dir!r} holds no image files (searched with "
+            f"subfolders; extensions {', '.join(IMG_EXTENSIONS)}): {err}"
+        ) from None
+    if len(dataset) == 0:
+        raise ValueError(f"input_dir {input_dir!r} holds no image files.")
+    return dataset
+
+
+def _targets(
+    config: DictConfig,
+    spec: LossSpec,
+    input_dir: str,
+    dataset: LightlyDataset,
+    is_cli_call: bool,
+) -> tuple[Any, str]:
+    """``(collate_fn, kind)`` for the loss ``spec`` on ``dataset`` (see prepare_targets)."""
     if spec.targets == "none":
         return MultiViewCollate(), "none"
 
     from xclr_plugin.data import XCLRCollate
 
-    dataset = LightlyDataset(input_dir)
     if spec.targets == "labels":
         classes = getattr(dataset.dataset, "classes", None) or []
         if len(classes) < 2:
@@ -383,7 +590,7 @@ def prepare_targets(
     records = _read_caption_records(captions, input_dir, is_cli_call)
     records = _align_records(records, dataset.get_filenames(), input_dir)
 
-    from xclr_plugin.cache import CaptionTable, build_caption_cache
+    from xclr_plugin.cache import CaptionCache, CaptionTable, build_caption_cache
     from xclr_plugin.text import TextEncoder
 
     cache_dir = _path(captions.get("cache_dir"), is_cli_call)
@@ -409,7 +616,63 @@ def prepare_targets(
                 encoder,
                 dtype=str(captions.get("dtype") or "float16"),
             )
+    if isinstance(lookup, CaptionCache):
+        # Training reads every row: one NaN row would turn every loss it meets into
+        # NaN (and, gathered, every process's), so the rows are checked once here.
+        lookup = CaptionCache.open(lookup.path, records=records, check_finite=True)
+    elif not bool(torch.isfinite(lookup.embeddings).all()):
+        bad = int((~torch.isfinite(lookup.embeddings).all(dim=1)).nonzero()[0, 0])
+        raise ValueError(
+            f"The caption embedding of {records[bad].filename!r} (caption "
+            f"{records[bad].caption!r}) is not finite."
+        )
     return XCLRCollate(lookup), "captions"
+
+
+def prepare_targets(
+    cfg: DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
+) -> tuple[Any, str]:
+    """Checks the config for the chosen loss and builds what its targets need.
+
+    Args:
+        cfg: The ``xclr-train`` config.
+        is_cli_call: Resolve relative paths against hydra's original working directory.
+
+    Returns:
+        ``(collate_fn, kind)``: lightly's ``MultiViewCollate`` and ``"none"`` for losses
+        without targets; an :class:`xclr_plugin.data.XCLRCollate` with the caption
+        embeddings (``"captions"``) or with ``use_labels=True`` (``"labels"``).
+
+    Raises:
+        ValueError: For a key of the wrong type or range, an unknown loss name, an
+            image-text loss, a missing, empty or unreadable ``input_dir``, a missing
+            captions source, captions that do not cover the images or are not finite,
+            or a folder without at least two class subfolders for label losses.
+        TypeError: For a ``criterion.*`` key the loss does not take.
+    """
+    config = _as_config(cfg)
+    collate_fn, kind, _, _ = _check_and_list(config, is_cli_call)
+    return collate_fn, kind
+
+
+def _check_and_list(
+    config: DictConfig, is_cli_call: bool
+) -> tuple[Any, str, str, LightlyDataset]:
+    """Config checks and targets: ``(collate_fn, kind, input_dir, dataset)``."""
+    _check_values(config)
+    criterion = _criterion_config(config)
+    spec = loss_info(str(criterion["name"]))
+    _check_two_view(spec)
+    _check_loss_arguments(spec, criterion)
+    try:
+        build_criterion(criterion)  # checks the values now (the real one comes later)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"criterion: {err}") from None
+    input_dir = _path(config.get("input_dir"), is_cli_call)
+    dataset = _list_images(input_dir)
+    assert input_dir is not None  # _list_images refuses None
+    collate_fn, kind = _targets(config, spec, input_dir, dataset, is_cli_call)
+    return collate_fn, kind, input_dir, dataset
 
 
 def _open_finished_cache(
@@ -522,38 +785,155 @@ def _load_state_dict(cfg: DictConfig, is_cli_call: bool) -> dict[str, Tensor] | 
     return loaded
 
 
-def train(
-    cfg: DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
-) -> TrainResult:
-    """Trains like ``lightly-ssl-train``, with the loss named by ``criterion.name``.
+def _verify_images(input_dir: str, filenames: Sequence[str]) -> None:
+    """Opens every image with PIL and verifies it, so a bad file is named now.
 
-    The steps and their order are those of ``lightly.cli.train_cli._train_cli``
-    (seed, model, criterion, SGD, ``SimCLRTransform`` + ``LightlyDataset``, loader,
-    ``SelfSupervisedEmbedding.train_embedding``), so with ``criterion.name=ntxent``
-    the losses equal ``lightly-ssl-train``'s step for step. Config errors are raised
-    before the model is built.
-
-    Args:
-        cfg: The config (see :func:`load_config`); a plain nested mapping is merged
-            onto the defaults.
-        is_cli_call: Resolve relative paths against hydra's original working directory.
-
-    Returns:
-        The checkpoint path and final metrics.
+    ``Image.open`` reads the header; ``verify`` walks the file's structure (for PNG
+    every chunk and its CRC, which finds truncated and corrupt files) without decoding
+    the pixels. JPEG data is not decoded: a JPEG with a valid header but corrupt
+    scan data still passes.
 
     Raises:
-        ValueError: For config errors (see :func:`prepare_targets`).
+        ValueError: Naming the first unreadable image (and how many there are).
+    """
+    bad: list[tuple[str, str]] = []
+    for name in filenames:
+        path = os.path.join(input_dir, name)
+        if not path.lower().endswith(IMG_EXTENSIONS):  # videos: lightly's own reader
+            continue
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # PIL raises many kinds for many formats
+            bad.append((path, f"{type(err).__name__}: {err}"))
+    if bad:
+        path, reason = bad[0]
+        more = (
+            f" ({len(bad)} of {len(filenames)} images are unreadable)"
+            if len(bad) > 1
+            else ""
+        )
+        raise ValueError(
+            f"the image {path} cannot be read{more}: {reason}. Remove or replace it "
+            "(or set check_images=false to skip this check)."
+        )
+
+
+def _check_batches(
+    cfg: DictConfig, criterion: Mapping[str, Any], count: int, world_size: int
+) -> None:
+    """Refuses batches that cannot be contrasted or that never fill.
+
+    A contrastive loss contrasts each image with the others of its batch. With one
+    image per batch the only candidate is the image's own other view: the loss is 0
+    and nothing is learned (lightly-ssl-train trains on like that, printing a loss of
+    0). A memory bank, or gathering over several processes, supplies the negatives.
+
+    Raises:
+        ValueError: Naming ``loader.batch_size`` (or the image count) and the reason.
+    """
+    requested = int(cfg["loader"]["batch_size"])
+    batch = min(requested, count)  # as lightly-ssl-train clamps it
+    gathered = bool(criterion.get("gather_distributed")) and world_size > 1
+    has_bank = bool(criterion.get("memory_bank_size"))
+    if batch < 2 and not gathered and not has_bank:
+        what = (
+            f"loader.batch_size={requested}"
+            if requested < 2
+            else f"input_dir holds {count} image, so every batch has 1"
+        )
+        raise ValueError(
+            f"{what}: a contrastive loss needs at least 2 images per batch (with 1, "
+            "an image's only candidate is its own other view, the loss is 0 and "
+            "nothing is learned). Use loader.batch_size >= 2 and at least 2 images, "
+            "or a memory bank (criterion.memory_bank_size)."
+        )
+    per_process = math.ceil(count / world_size)
+    if cfg["loader"]["drop_last"] and per_process < batch:
+        raise ValueError(
+            f"loader.batch_size={batch} is larger than the {per_process} images each of "
+            f"the {world_size} processes gets ({count} images in input_dir): with "
+            "loader.drop_last=true no batch is full and nothing would be trained. "
+            f"Use loader.batch_size <= {per_process}."
+        )
+
+
+def _dry_run(
+    cfg: DictConfig,
+    criterion_cfg: Mapping[str, Any],
+    dataset: LightlyDataset,
+    collate_fn: Any,
+    kind: str,
+) -> None:
+    """One forward pass of transform, model and loss on two images, before training.
+
+    Catches what only shows when the pieces meet (an input size too small for the
+    network, a transform value of the wrong type, ...). Runs under a forked torch RNG
+    and before the run is seeded, so it changes no random stream.
+
+    Raises:
+        ValueError: Naming the config section whose piece failed.
+    """
+    stage = "collate"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            transform = SimCLRTransform(**cfg["collate"])
+            items = []
+            for index in range(min(2, len(dataset))):
+                image, label, name = dataset[index]
+                items.append((transform(image), label, name))
+            views, targets, _ = collate_fn(items)
+            stage = "model"
+            model = _build_model(cfg)
+            model.train()
+            with torch.no_grad():
+                out0, out1 = model(views[0], views[1])
+                if len(items) < 2:
+                    return
+                stage = "criterion"
+                dry = dict(criterion_cfg, gather_distributed=None)
+                loss = build_criterion(dry)
+                loss(out0, out1) if kind == "none" else loss(out0, out1, targets)
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as err:
+        raise ValueError(
+            f"{stage}: a trial step on two images failed: {type(err).__name__}: {err}"
+        ) from None
+
+
+@dataclass
+class _Plan:
+    """A checked config and everything built from it before training."""
+
+    cfg: DictConfig
+    criterion: dict[str, Any]
+    input_dir: str
+    dataset: LightlyDataset
+    collate_fn: Any
+    kind: str
+    trainer: Trainer
+    checkpoint_callback: Any
+
+
+def _prepare(cfg: DictConfig | Mapping[str, Any], is_cli_call: bool) -> _Plan:
+    """Checks everything that can be checked before training and builds the trainer.
+
+    Raises:
+        ValueError, TypeError: For config errors (see :func:`train`).
     """
     cfg = _as_config(cfg)
-    collate_fn, kind = prepare_targets(cfg, is_cli_call=is_cli_call)
+    collate_fn, kind, input_dir, dataset = _check_and_list(cfg, is_cli_call)
     criterion_cfg = _criterion_config(cfg)
-    input_dir = _path(cfg["input_dir"], is_cli_call)
+    # Lightning re-runs this script for the other DDP processes once the first one
+    # has started training; their images were already checked by it.
+    if cfg.get("check_images", True) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        _verify_images(input_dir, dataset.get_filenames())
+
     trainer_kwargs = _trainer_kwargs(cfg)
     if _many_processes(trainer_kwargs) and not criterion_cfg.get("gather_distributed"):
         warnings.warn(
             "Training on several processes without criterion.gather_distributed=true: "
             "each process contrasts (and builds targets from) its own batch only.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if criterion_cfg.get("gather_distributed") and _single_process(trainer_kwargs):
         # A multi-GPU config run on one device: nothing to gather (XCLRLoss would
@@ -561,10 +941,49 @@ def train(
         warnings.warn(
             "criterion.gather_distributed=true has no effect in a single process; "
             "training without it.",
-            stacklevel=2,
+            stacklevel=3,
         )
         criterion_cfg["gather_distributed"] = None
 
+    # lightly's SelfSupervisedEmbedding.train_embedding, with the trainer built now
+    # (so that bad trainer.* settings are reported before training) and one more
+    # callback.
+    try:
+        checkpoint_cb = callbacks.create_checkpoint_callback(
+            **cfg["checkpoint_callback"]
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint_callback: {err}") from None
+    trainer_callbacks: list[Callback] = [checkpoint_cb]
+    summary_cb = callbacks.create_summary_callback(
+        summary_callback_config=cfg["summary_callback"]
+    )
+    if summary_cb is not None:
+        trainer_callbacks.append(summary_cb)
+    trainer_callbacks.append(_StopOnNonFiniteLoss(str(criterion_cfg["name"])))
+    try:
+        trainer = Trainer(**trainer_kwargs, callbacks=trainer_callbacks)
+    except (
+        Exception
+    ) as err:  # Lightning: TypeError, ValueError, MisconfigurationException
+        raise ValueError(f"trainer: {type(err).__name__}: {err}") from None
+
+    _check_batches(cfg, criterion_cfg, len(dataset), trainer.world_size)
+    try:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], **cfg["optimizer"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"optimizer: {err} (optimizer.* is passed to torch.optim.SGD)"
+        ) from None
+    _dry_run(cfg, criterion_cfg, dataset, collate_fn, kind)
+    return _Plan(
+        cfg, criterion_cfg, input_dir, dataset, collate_fn, kind, trainer, checkpoint_cb
+    )
+
+
+def _fit(plan: _Plan, is_cli_call: bool) -> TrainResult:
+    """Trains a prepared plan, in the order of ``lightly.cli.train_cli._train_cli``."""
+    cfg, criterion_cfg = plan.cfg, plan.criterion
     # From here on, the order of lightly.cli.train_cli._train_cli (same RNG use).
     if "seed" in cfg:
         seed = cfg["seed"]
@@ -583,7 +1002,7 @@ def train(
             f"Training a self-supervised model with a small batch size: "
             f"{cfg['loader']['batch_size']}! Small batch size may harm embedding quality. "
             "You can specify the batch size via the loader key-word: loader.batch_size=BSZ",
-            stacklevel=2,
+            stacklevel=3,
         )
     if cfg["loader"]["num_workers"] < 0:
         cfg["loader"]["num_workers"] = cpu_count()
@@ -595,23 +1014,29 @@ def train(
 
     criterion = build_criterion(criterion_cfg)
     optimizer = torch.optim.SGD(model.parameters(), **cfg["optimizer"])
-    dataset = LightlyDataset(input_dir, transform=SimCLRTransform(**cfg["collate"]))
+    dataset = plan.dataset  # already listed: only the transform is new
+    dataset.transform = SimCLRTransform(**cfg["collate"])
     cfg["loader"]["batch_size"] = min(cfg["loader"]["batch_size"], len(dataset))
     dataloader = torch.utils.data.DataLoader(
-        dataset, **cfg["loader"], collate_fn=collate_fn
+        dataset, **cfg["loader"], collate_fn=plan.collate_fn
     )
 
-    module_cls = SelfSupervisedEmbedding if kind == "none" else TargetEmbedding
+    module_cls = SelfSupervisedEmbedding if plan.kind == "none" else TargetEmbedding
     encoder = module_cls(model, criterion, optimizer, dataloader)
-    trainer = encoder.train_embedding(
-        trainer_config=OmegaConf.create(trainer_kwargs),
-        checkpoint_callback_config=cfg["checkpoint_callback"],
-        summary_callback_config=cfg["summary_callback"],
-    )
-    checkpoint = encoder.checkpoint or ""
+    trainer = plan.trainer
+    trainer.fit(encoder)
+    best = plan.checkpoint_callback.best_model_path
+    checkpoint = os.path.join(encoder.cwd, best) if best else ""
+    encoder.checkpoint = checkpoint or None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
-        print(f"Best model is stored at: {checkpoint}")
+        if checkpoint:
+            print(f"Best model is stored at: {checkpoint}")
+        else:
+            print(
+                "No checkpoint was written (checkpoint_callback.save_last=false and "
+                "save_top_k=0, or no training step ran)."
+            )
         if "loss" in metrics:
             print(
                 f"Final training loss ({criterion_cfg['name']}): {metrics['loss']:.6f}"
@@ -622,9 +1047,52 @@ def train(
     return TrainResult(checkpoint, metrics, str(criterion_cfg["name"]))
 
 
+def train(
+    cfg: DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
+) -> TrainResult:
+    """Trains like ``lightly-ssl-train``, with the loss named by ``criterion.name``.
+
+    The steps and their order are those of ``lightly.cli.train_cli._train_cli``
+    (seed, model, criterion, SGD, ``SimCLRTransform`` + ``LightlyDataset``, loader,
+    ``SelfSupervisedEmbedding.train_embedding``), so with ``criterion.name=ntxent``
+    the losses equal ``lightly-ssl-train``'s step for step. Before any of that, the
+    config is checked and the Lightning trainer is built (see the module docstring).
+
+    Args:
+        cfg: The config (see :func:`load_config`); a plain nested mapping is merged
+            onto the defaults.
+        is_cli_call: Resolve relative paths against hydra's original working directory.
+
+    Returns:
+        The checkpoint path (empty if none was written) and final metrics.
+
+    Raises:
+        ValueError: For config errors, before training (see :func:`prepare_targets`;
+            also bad trainer, optimizer, collate and model settings, unreadable
+            images, batches that cannot be contrasted).
+        TypeError: For a ``criterion.*`` key the loss does not take.
+        NonFiniteLossError: If the loss becomes NaN or infinite.
+    """
+    return _fit(_prepare(cfg, is_cli_call), is_cli_call)
+
+
+def _one_line(err: BaseException) -> str:
+    """An error message on one line (some messages, e.g. torchvision's, span several)."""
+    return " ".join(str(err).split())
+
+
 def _run(cfg: DictConfig) -> None:
-    """The hydra task of ``xclr-train``."""
-    train(cfg, is_cli_call=True)
+    """The hydra task of ``xclr-train``: config errors are one line and status 2."""
+    try:
+        plan = _prepare(cfg, is_cli_call=True)
+    except (ValueError, TypeError) as err:
+        print(f"xclr-train: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _fit(plan, is_cli_call=True)
+    except NonFiniteLossError as err:
+        print(f"xclr-train: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(1)
 
 
 # An absolute config path: a file-based config source, which needs no __init__.py in

@@ -49,6 +49,7 @@ import contextlib
 import inspect
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -317,6 +318,95 @@ def _is_image_text(name: str) -> bool:
         return False
 
 
+def _train_data_kind(args: argparse.Namespace) -> str | None:
+    """Which open_clip dataset ``--train-data`` selects (``get_dataset_fn``'s rule)."""
+    dataset_type = args.dataset_type
+    if dataset_type == "synthetic":
+        return "synthetic"
+    if not args.train_data:
+        return None
+    if dataset_type in ("csv", "webdataset"):
+        return str(dataset_type)
+    ext = str(args.train_data).split(".")[-1]
+    if dataset_type == "auto" and ext in ("csv", "tsv"):
+        return "csv"
+    if dataset_type == "auto" and ext == "tar":
+        return "webdataset"
+    raise OpenClipTrainError(
+        f"--train-data {args.train_data!r}: open_clip cannot tell its type from the "
+        f"extension {ext!r}; give --dataset-type csv or --dataset-type webdataset."
+    )
+
+
+def _is_local(url: str) -> bool:
+    """Whether a shard URL is a local file path (not ``pipe:``, ``http:``, ...)."""
+    head = url.split("/", 1)[0]
+    return url.startswith("file:") or ":" not in head or len(head) == 2  # C: drives
+
+
+def _local_path(url: str) -> str:
+    return url[5:] if url.startswith("file:") else url
+
+
+def _check_open_clip_args(args: argparse.Namespace) -> None:
+    """Refuses what open_clip would only refuse after creating ``logs/NAME``.
+
+    open_clip creates the run folder first and then fails on these with an
+    ``AssertionError``/``RuntimeError``; a re-run then says "Experiment already exists".
+
+    Raises:
+        OpenClipTrainError: Naming the flag and the fix.
+    """
+    kind = _train_data_kind(args)
+    if kind is None:
+        raise OpenClipTrainError(
+            f"--loss {args.loss} trains a model: give --train-data (a CSV/TSV file or "
+            "webdataset shards), or --dataset-type synthetic."
+        )
+    if args.accum_freq < 1:
+        raise OpenClipTrainError(f"--accum-freq must be >= 1, got {args.accum_freq}.")
+    if args.batch_size < 1:
+        raise OpenClipTrainError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.workers < 0:
+        raise OpenClipTrainError(f"--workers must be >= 0, got {args.workers}.")
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if kind == "csv" and not os.path.isfile(args.train_data):
+        raise OpenClipTrainError(f"--train-data {args.train_data!r} does not exist.")
+    if kind != "webdataset":
+        return
+    from xclr_plugin.shards import expand_shard_urls
+
+    try:
+        shards = expand_shard_urls(args.train_data)
+    except ValueError as err:
+        raise OpenClipTrainError(f"--train-data: {err}") from None
+    missing = [u for u in shards if _is_local(u) and not os.path.isfile(_local_path(u))]
+    if missing:
+        raise OpenClipTrainError(
+            f"--train-data: {len(missing)} of {len(shards)} shard(s) do not exist, the "
+            f"first is {missing[0]!r}."
+        )
+    if args.train_num_samples is None:
+        from open_clip_train.data import get_dataset_size
+
+        if get_dataset_size(args.train_data)[0] is None:
+            raise OpenClipTrainError(
+                "--dataset-type webdataset needs --train-num-samples (no sizes.json or "
+                "__len__ file next to the shards tells open_clip how many samples an "
+                "epoch has)."
+            )
+    elif args.train_num_samples < 1:
+        raise OpenClipTrainError(
+            f"--train-num-samples must be >= 1, got {args.train_num_samples}."
+        )
+    if not args.dataset_resampled and len(shards) < args.workers * world_size:
+        raise OpenClipTrainError(
+            f"--train-data has {len(shards)} shard(s), fewer than --workers "
+            f"{args.workers} x {world_size} process(es); open_clip gives every worker "
+            "its own shards. Use fewer --workers, more shards or --dataset-resampled."
+        )
+
+
 def _train_csv_captions(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The training CSV's image paths and captions, read exactly as open_clip reads them.
 
@@ -326,19 +416,6 @@ def _train_csv_captions(args: argparse.Namespace) -> tuple[list[str], list[str]]
     from open_clip_train.data import CsvDataset
 
     train_data = args.train_data
-    dataset_type = args.dataset_type
-    is_csv = dataset_type == "csv" or (
-        dataset_type == "auto"
-        and isinstance(train_data, str)
-        and train_data.rsplit(".", 1)[-1] in ("csv", "tsv")
-    )
-    if not train_data or not is_csv:
-        raise OpenClipTrainError(
-            "--xclr-target-mode captions needs each sample's caption: give a CSV/TSV "
-            f"--train-data (got --train-data {train_data!r}, --dataset-type "
-            f"{dataset_type!r}), or use --xclr-target-mode clip-text, which needs no "
-            "captions."
-        )
     if not os.path.isfile(train_data):
         raise OpenClipTrainError(f"--train-data {train_data!r} does not exist.")
     try:
@@ -360,7 +437,22 @@ def _train_csv_captions(args: argparse.Namespace) -> tuple[list[str], list[str]]
 
 
 def _caption_embeddings(options: PluginOptions, args: argparse.Namespace) -> Any:
-    """The training CSV's caption embeddings: a checked cache, or embedded now."""
+    """The training data's caption embeddings: a checked cache, or embedded now.
+
+    For a CSV, row ``i`` belongs to CSV row ``i``. For webdataset shards the result
+    has ``index_of(key)``, the row of a sample's ``__key__``.
+    """
+    kind = _train_data_kind(args)
+    if kind not in ("csv", "webdataset"):
+        raise OpenClipTrainError(
+            "--xclr-target-mode captions needs each sample's caption: give a CSV/TSV "
+            "or webdataset --train-data (got --train-data "
+            f"{args.train_data!r}, --dataset-type {args.dataset_type!r}), or use "
+            "--xclr-target-mode clip-text, which needs no captions."
+        )
+    if kind == "webdataset":
+        return _webdataset_caption_embeddings(options, args)
+
     from xclr_plugin.captions import CaptionRecord
 
     images, captions = _train_csv_captions(args)
@@ -368,33 +460,143 @@ def _caption_embeddings(options: PluginOptions, args: argparse.Namespace) -> Any
     if options.xclr_text_encoder is not None or options.xclr_caption_cache is None:
         encoder = _text_encoder(options)
     if options.xclr_caption_cache is None:
-        return encoder.encode(captions)  # type: ignore[union-attr]
+        embeddings = encoder.encode(captions)  # type: ignore[union-attr]
+        _check_finite_embeddings(embeddings, images)
+        return embeddings
+    return _open_cache(
+        options,
+        args,
+        encoder,
+        [CaptionRecord(i, c) for i, c in zip(images, captions, strict=True)],
+    )
 
+
+def _check_finite_embeddings(embeddings: Tensor, keys: Sequence[str]) -> None:
+    finite = torch.isfinite(embeddings).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()
+        raise OpenClipTrainError(
+            f"The text encoder gave NaN or infinite embeddings for {bad.numel()} "
+            f"caption(s), the first for {keys[int(bad[0])]!r}; check "
+            "--xclr-text-encoder."
+        )
+
+
+def _open_cache(
+    options: PluginOptions,
+    args: argparse.Namespace,
+    encoder: Any,
+    records: Any,
+) -> Any:
+    """Opens ``--xclr-caption-cache`` for training: checked, every row finite."""
     from xclr_plugin.cache import CaptionCache
 
+    path = options.xclr_caption_cache
+    assert path is not None
     try:
         return CaptionCache.open(
-            options.xclr_caption_cache,
-            encoder=encoder,
-            records=[
-                CaptionRecord(i, c) for i, c in zip(images, captions, strict=True)
-            ],
+            path, encoder=encoder, records=records, check_finite=True
         )
     except FileNotFoundError as err:
         raise OpenClipTrainError(
-            f"--xclr-caption-cache: {err} Build it for the training CSV first: "
-            f"{_embed_command(args, options.xclr_caption_cache)}"
+            f"--xclr-caption-cache: {err} Build it for the training data first: "
+            f"{_embed_command(args, path)}"
         ) from None
     except ValueError as err:
         raise OpenClipTrainError(
             f"--xclr-caption-cache does not belong to --train-data {args.train_data!r}: "
-            f"{err} Rebuild it: {_embed_command(args, options.xclr_caption_cache)} "
-            "--overwrite"
+            f"{err} Rebuild it: {_embed_command(args, path)} --overwrite"
         ) from None
+
+
+def _webdataset_caption_embeddings(
+    options: PluginOptions, args: argparse.Namespace
+) -> Any:
+    """Caption embeddings of webdataset shards, looked up by ``__key__``.
+
+    With ``--xclr-caption-cache`` the cache (built by ``xclr-embed-captions --format
+    webdataset``) is opened with every row checked finite, and the training shards are
+    read (headers and captions only, see :mod:`xclr_plugin.shards`) to check, before
+    training, that every sample's key has a row: exactly the cache's records when the
+    shards are the ones it was built from, else key by key (a subset of its shards).
+    Shards that are not local files are checked sample by sample as they arrive.
+    Without a cache, the shards' captions are embedded now.
+    """
+    from xclr_plugin.shards import expand_shard_urls, read_webdataset_captions
+
+    local = all(_is_local(u) for u in expand_shard_urls(args.train_data))
+    records = None
+    if local or options.xclr_caption_cache is None:
+        try:
+            records = read_webdataset_captions(args.train_data, progress=True)
+        except ValueError as err:
+            raise OpenClipTrainError(f"--train-data: {err}") from None
+    encoder = None
+    if options.xclr_text_encoder is not None or options.xclr_caption_cache is None:
+        encoder = _text_encoder(options)
+    if options.xclr_caption_cache is None:
+        from xclr_plugin.cache import CaptionTable
+
+        assert records is not None and encoder is not None
+        keys = [r.filename for r in records]
+        embeddings = encoder.encode([r.caption for r in records])
+        _check_finite_embeddings(embeddings, keys)
+        return CaptionTable(embeddings, keys)
+
+    cache = _open_cache(options, args, encoder, None)
+    if records is None:
+        logging.warning(
+            "%s: --train-data has non-local shards; every sample's key is checked "
+            "against --xclr-caption-cache as it is loaded.",
+            PROG,
+        )
+        return cache
+    try:
+        cache.check(records=records)  # the very shards the cache was built from
+        exact = True
+    except ValueError:
+        exact = False
+    if not exact:
+        missing = [r.filename for r in records if not _has_key(cache, r.filename)]
+        if missing:
+            raise OpenClipTrainError(
+                f"--xclr-caption-cache {options.xclr_caption_cache!r} has no caption "
+                f"embedding for {len(missing)} of the {len(records)} samples of "
+                f"--train-data, the first is key {missing[0]!r}"
+                f"{_shard_of(args.train_data, missing[0])}. Build the cache from these "
+                f"shards: {_embed_command(args, options.xclr_caption_cache)}"
+            )
+    else:
+        _has_key(cache, records[0].filename)  # builds the key index before workers fork
+    return cache
+
+
+def _has_key(cache: Any, key: str) -> bool:
+    try:
+        cache.index_of(key)
+    except ValueError:
+        return False
+    return True
+
+
+def _shard_of(urls: str, key: str) -> str:
+    """`` (shard URL)`` of the shard holding ``key``, for error messages."""
+    from xclr_plugin.shards import iter_webdataset_captions
+
+    for found, _, url in iter_webdataset_captions(urls):
+        if found == key:
+            return f" (shard {url!r})"
+    return ""
 
 
 def _embed_command(args: argparse.Namespace, out: str) -> str:
     """The ``xclr-embed-captions`` command that builds the cache of the training CSV."""
+    if _train_data_kind(args) == "webdataset":
+        command = ["xclr-embed-captions", "--format", "webdataset"]
+        command += [shlex.quote(str(args.train_data)), "-o", shlex.quote(out)]
+        if getattr(args, "xclr_text_encoder", None):
+            command += ["--encoder", shlex.quote(str(args.xclr_text_encoder))]
+        return " ".join(command)
     command = [
         "xclr-embed-captions",
         str(args.train_data),
@@ -498,6 +700,130 @@ def _indexed_csv_dataset(base: type[Any]) -> type[Any]:
     return IndexedCsvDataset
 
 
+class KeyToRow:
+    """webdataset stage: ``sample -> (image, tokens + [row of sample["__key__"]])``.
+
+    Replaces the last ``to_tuple("image", "text")`` of open_clip's training pipeline
+    (``get_wds_dataset``), so each sample's caption-embedding row travels with its
+    tokens exactly as the CSV route's row index does, whatever the shuffling,
+    resampling, worker or node split.
+
+    Args:
+        lookup: Has ``index_of(key) -> int`` (a caption cache or table); raises
+            ``ValueError`` for an unknown key.
+    """
+
+    def __init__(self, lookup: Any) -> None:
+        self.lookup = lookup
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, Tensor]:
+        """The training tuple with the sample's row appended to its tokens."""
+        key = sample["__key__"]
+        try:
+            row = self.lookup.index_of(key)
+        except ValueError:
+            raise ValueError(
+                f"{PROG}: sample {key!r} of shard {sample.get('__url__')!r} has no "
+                f"caption embedding in {getattr(self.lookup, 'path', 'the captions')}; "
+                "build the cache from the training shards (xclr-embed-captions "
+                "--format webdataset SHARDS -o DIR)."
+            ) from None
+        text = sample["text"]
+        return sample["image"], torch.cat([text, text.new_tensor([row])])
+
+
+class _KeyedWebdataset:
+    """The ``webdataset`` module, except that ``to_tuple("image", "text")`` is keyed."""
+
+    def __init__(self, wds: Any, stage: KeyToRow) -> None:
+        self._wds = wds
+        self._stage = stage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wds, name)
+
+    def to_tuple(self, *keys: str, **kwargs: Any) -> Any:
+        if keys == ("image", "text") and not kwargs:
+            return self._wds.map(self._stage)
+        return self._wds.to_tuple(*keys, **kwargs)
+
+
+def _keyed_get_wds_dataset(ocd: Any, lookup: Callable[[], Any]) -> Callable[..., Any]:
+    """open_clip's ``get_wds_dataset`` whose training pipeline carries caption rows.
+
+    ``lookup()`` gives the caption embeddings (loaded by ``parse_args``, which runs
+    before open_clip builds its data).
+    """
+    original = ocd.get_wds_dataset
+
+    def get_wds_dataset(
+        args: argparse.Namespace,
+        preprocess_img: Any,
+        is_train: bool,
+        *a: Any,
+        **kw: Any,
+    ) -> Any:
+        if not is_train:  # evaluation data is not looked up in the training cache
+            return original(args, preprocess_img, is_train, *a, **kw)
+        with _replaced(ocd, "wds", _KeyedWebdataset(ocd.wds, KeyToRow(lookup()))):
+            return original(args, preprocess_img, is_train, *a, **kw)
+
+    return get_wds_dataset
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a training step is NaN or infinite; training stops before the update."""
+
+
+class FiniteLossCheck:
+    """Forward hook on the loss: stops training at the first non-finite loss.
+
+    Without it, open_clip logs such a loss, steps the optimizer with NaN gradients and
+    saves checkpoints full of NaN (it never checks). The check runs before
+    ``backward``, so no weight is changed by the bad step; the message names which
+    inputs were already non-finite (features, logit scale, targets).
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        self.calls += 1
+        values = out.values() if isinstance(out, dict) else [out]
+        tensors = [v for v in values if isinstance(v, Tensor)]
+        if all(bool(torch.isfinite(v.detach()).all()) for v in tensors):
+            return
+        bad = [
+            name
+            for name, value in kwargs.items()
+            if isinstance(value, Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value.detach()).all())
+        ]
+        cause = (
+            f"non-finite inputs: {', '.join(bad)}"
+            if bad
+            else "all inputs were finite (try a larger --xclr-target-temperature or "
+            "--precision fp32/amp_bf16)"
+        )
+        shown = {
+            k: _scalar(v)
+            for k, v in (out.items() if isinstance(out, dict) else [("loss", out)])
+        }
+        raise NonFiniteLossError(
+            f"non-finite loss {shown} at loss call {self.calls} ({cause}); training "
+            "stopped before this update, no checkpoint of it was written."
+        )
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value.detach().float().item())
+    return value
+
+
 class SampleCaptionTargets(nn.Module):
     """Wraps an image-text loss: passes each sample's caption embedding as ``targets``.
 
@@ -561,6 +887,7 @@ def build_loss(args: argparse.Namespace, setup: _Setup) -> nn.Module:
     loss = registry.create_loss(name, **kwargs)
     if setup.caption_embeddings is not None:
         loss = SampleCaptionTargets(loss, setup.caption_embeddings)
+    loss.register_forward_hook(FiniteLossCheck(), with_kwargs=True)
     return loss
 
 
@@ -686,6 +1013,15 @@ def patch_open_clip_train(options: PluginOptions) -> Iterator[None]:
                 stack.enter_context(
                     _replaced(ocd, "CsvDataset", _indexed_csv_dataset(ocd.CsvDataset))
                 )
+                stack.enter_context(
+                    _replaced(
+                        ocd,
+                        "get_wds_dataset",
+                        _keyed_get_wds_dataset(
+                            ocd, lambda: state["setup"].caption_embeddings
+                        ),
+                    )
+                )
         yield
 
 
@@ -723,6 +1059,9 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     except OpenClipTrainError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,672 @@
+#!/usr/bin/env python3
+"""Generate the upstream patches for lightly and open_clip from this repository's code.
+
+One source of truth: the loss code in the patches is produced from ``xclr_plugin`` by
+the transforms below, never edited by hand.
+
+- ``upstream/lightly/xclr.patch`` (against lightly 1.6.0):
+  ``lightly/loss/xclr_loss.py`` is ``xclr_plugin/loss.py`` with lightly's module
+  docstring and import layout; the export in ``lightly/loss/__init__.py`` and the entry
+  in ``docs/source/lightly.loss.rst`` are anchored insertions; the test and the example
+  are copied from ``upstream/lightly/files/``.
+- ``upstream/open_clip/xclr.patch`` (against open_clip_torch 3.3.0): ``XCLRClipLoss``
+  of ``xclr_plugin/clip_loss.py`` and every helper it uses (found by following the
+  names it references through ``clip_loss``, ``functional`` and ``loss``) appended to
+  ``src/open_clip/loss.py`` in open_clip's conventions (``torch.Tensor``,
+  ``Optional``), plus anchored edits of ``factory.py``, ``params.py`` and
+  ``open_clip/__init__.py``; the test is copied from ``upstream/open_clip/files/``.
+
+Files the wheels ship are read from the installed packages (the patches target the
+installed releases); the one repository-only file the lightly patch modifies,
+``docs/source/lightly.loss.rst``, is kept in ``upstream/lightly/base/``.
+
+Usage: ``python upstream/generate.py`` writes the patches; ``--check`` writes nothing
+and exits 1 if a committed patch differs from what the sources give (drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+import difflib
+import importlib.metadata
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = ROOT / "upstream"
+PLUGIN = ROOT / "xclr_plugin"
+
+LIGHTLY_VERSION = "1.6.0"
+OPEN_CLIP_VERSION = "3.3.0"
+
+
+class GenerateError(Exception):
+    """A source no longer fits a transform (an anchor moved, a new dependency...)."""
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: str  # relative to the host repository's root
+    old: str | None  # None: a new file
+    new: str
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def installed_root(package: str) -> Path:
+    """The folder holding the installed ``package`` (site-packages), without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise GenerateError(f"{package} is not installed in {sys.executable}.")
+    return Path(spec.origin).parent.parent
+
+
+def require_version(dist: str, version: str) -> None:
+    found = importlib.metadata.version(dist)
+    if found != version:
+        raise GenerateError(
+            f"the patches target {dist}=={version}, but {found} is installed."
+        )
+
+
+def insert_after(text: str, anchor: str, addition: str, *, what: str) -> str:
+    """Inserts ``addition`` right after the single occurrence of ``anchor``."""
+    if text.count(anchor) != 1:
+        raise GenerateError(
+            f"{what}: anchor {anchor!r} found {text.count(anchor)} times, expected once."
+        )
+    return text.replace(anchor, anchor + addition)
+
+
+def replace_once(text: str, old: str, new: str, *, what: str) -> str:
+    if text.count(old) != 1:
+        raise GenerateError(
+            f"{what}: {old!r} found {text.count(old)} times, expected once."
+        )
+    return text.replace(old, new)
+
+
+def unified_patch(changes: list[FileChange]) -> str:
+    """A ``git apply``-able patch (also ``patch -p1``) of the changes, in order."""
+    out: list[str] = []
+    for change in changes:
+        a_lines = [] if change.old is None else change.old.splitlines(keepends=True)
+        b_lines = change.new.splitlines(keepends=True)
+        out.append(f"diff --git a/{change.path} b/{change.path}\n")
+        if change.old is None:
+            out.append("new file mode 100644\n")
+        diff = list(
+            difflib.unified_diff(
+                a_lines,
+                b_lines,
+                fromfile="/dev/null" if change.old is None else f"a/{change.path}",
+                tofile=f"b/{change.path}",
+                n=3,
+            )
+        )
+        if not diff:
+            raise GenerateError(f"{change.path}: no change.")
+        out.extend(diff)
+    return "".join(out)
+
+
+def line_offsets(text: str) -> list[int]:
+    """Offset of the start of each line (1-based line numbers index offsets[n-1])."""
+    offsets = [0]
+    for line in text.splitlines(keepends=True):
+        offsets.append(offsets[-1] + len(line))
+    return offsets
+
+
+def normalise_doctest_comments(text: str) -> str:
+    """``>>> code        # note`` -> ``>>> code  # note``, as ``ruff format`` formats
+    docstring code (lightly sets ``docstring-code-format = true``)."""
+    return re.sub(
+        r"^(\s*>>> [^#\n]*?\S) {2,}(# )", r"\1  \2", text, flags=re.MULTILINE
+    )
+
+
+# -- lightly ---------------------------------------------------------------------------
+
+LIGHTLY_MODULE_DOCSTRING = '''"""X-Sample Contrastive Loss (X-CLR): contrastive learning with soft targets.
+
+Reference: Sobal et al., "X-Sample Contrastive Loss: Improving Contrastive Learning
+with Sample Similarity Graphs", ICLR 2025, https://arxiv.org/abs/2407.18134
+"""
+'''
+
+
+def lightly_loss_module(source: str) -> str:
+    """``xclr_plugin/loss.py`` as ``lightly/loss/xclr_loss.py``.
+
+    The module docstring becomes lightly's, and the ``lightly`` imports leave the
+    third-party block for their own first-party block (lightly's isort setting).
+    """
+    tree = ast.parse(source)
+    first = tree.body[0]
+    if not (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        raise GenerateError("xclr_plugin/loss.py: no module docstring.")
+    lines = source.splitlines(keepends=True)
+    imports = [
+        node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    start, stop = imports[0].lineno, imports[-1].end_lineno
+    assert stop is not None
+    between = [
+        node
+        for node in tree.body
+        if start <= node.lineno <= stop and node not in imports
+    ]
+    if between:
+        raise GenerateError("xclr_plugin/loss.py: code between the imports.")
+    groups: dict[str, list[str]] = {
+        "future": [],
+        "stdlib": [],
+        "third": [],
+        "lightly": [],
+    }
+    for node in imports:
+        text = "".join(lines[node.lineno - 1 : node.end_lineno])
+        module = (
+            node.module or ""
+            if isinstance(node, ast.ImportFrom)
+            else node.names[0].name
+        )
+        top = module.split(".")[0]
+        if top == "xclr_plugin" or (isinstance(node, ast.ImportFrom) and node.level):
+            raise GenerateError(
+                f"xclr_plugin/loss.py imports {module!r}: lightly's copy may import "
+                "only the standard library, torch and lightly."
+            )
+        if top == "__future__":
+            groups["future"].append(text)
+        elif top == "lightly":
+            groups["lightly"].append(text)
+        elif top in sys.stdlib_module_names:
+            groups["stdlib"].append(text)
+        else:
+            groups["third"].append(text)
+    block = "\n".join("".join(group) for group in groups.values() if group)
+    body = "".join(lines[first.end_lineno : start - 1]) + block + "".join(lines[stop:])
+    return normalise_doctest_comments(LIGHTLY_MODULE_DOCSTRING + body)
+
+
+def lightly_changes() -> list[FileChange]:
+    require_version("lightly", LIGHTLY_VERSION)
+    site = installed_root("lightly")
+    init_path = "lightly/loss/__init__.py"
+    init_old = (site / init_path).read_text()
+    init_new = insert_after(
+        init_old,
+        "from lightly.loss.wmse_loss import Whitening2d, WMSELoss\n",
+        "from lightly.loss.xclr_loss import XCLRLoss\n",
+        what=init_path,
+    )
+    rst_path = "docs/source/lightly.loss.rst"
+    rst_old = (UPSTREAM / "lightly" / "base" / rst_path).read_text()
+    rst_new = insert_after(
+        rst_old,
+        ".. autoclass:: lightly.loss.visreg_loss.VISRegLoss\n"
+        "   :members:\n"
+        "   :special-members: __init__\n",
+        "\n.. autoclass:: lightly.loss.xclr_loss.XCLRLoss\n   :members:\n",
+        what=rst_path,
+    )
+    files = UPSTREAM / "lightly" / "files"
+    return [
+        FileChange(
+            "lightly/loss/xclr_loss.py",
+            None,
+            lightly_loss_module((PLUGIN / "loss.py").read_text()),
+        ),
+        FileChange(init_path, init_old, init_new),
+        FileChange(rst_path, rst_old, rst_new),
+        FileChange(
+            "tests/loss/test_xclr_loss.py",
+            None,
+            (files / "tests/loss/test_xclr_loss.py").read_text(),
+        ),
+        FileChange(
+            "examples/pytorch/xclr.py",
+            None,
+            (files / "examples/pytorch/xclr.py").read_text(),
+        ),
+    ]
+
+
+# -- open_clip -------------------------------------------------------------------------
+
+#: Replacements for helpers whose plugin version uses lightly (open_clip must not).
+#: In open_clip's loss.py ``dist`` is ``torch.distributed``.
+OPEN_CLIP_OVERRIDES = {
+    "gather_without_grad": '''def gather_without_grad(tensor: Tensor) -> Tensor:
+    """Concatenates ``tensor`` from all processes along dim 0, without gradient.
+
+    The descriptions (caption embeddings, labels) take no gradient, so a plain
+    ``all_gather`` suffices.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor.detach()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts, dim=0)
+''',
+}
+
+#: Names the generated code may use from open_clip's loss.py namespace (after the
+#: import edits below) or from the builtins.
+OPEN_CLIP_NAMESPACE = {
+    "torch",
+    "nn",
+    "F",
+    "dist",
+    "Optional",
+    "Union",
+    "Tensor",  # rewritten to torch.Tensor
+    "ClipLoss",
+    "gather_features",
+}
+
+PLUGIN_MODULES = ("clip_loss", "functional", "loss")
+
+
+@dataclass
+class ModuleInfo:
+    source: str
+    defs: dict[str, ast.stmt]  # top-level functions, classes, assignments
+    imports: dict[str, tuple[str, str]]  # local name -> (module, name)
+
+
+def read_module(name: str) -> ModuleInfo:
+    source = (PLUGIN / f"{name}.py").read_text()
+    tree = ast.parse(source)
+    defs: dict[str, ast.stmt] = {}
+    imports: dict[str, tuple[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defs[node.name] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defs[node.target.id] = node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    defs[target.id] = node
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                imports[alias.asname or alias.name] = (node.module, alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                imports[alias.asname or alias.name] = (alias.name, "")
+    return ModuleInfo(source, defs, imports)
+
+
+def referenced_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def segment_with_comments(module: ModuleInfo, node: ast.stmt) -> str:
+    """The definition's source with its decorators and the comment lines above it."""
+    lines = module.source.splitlines(keepends=True)
+    first = min(
+        [node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]
+    )
+    while first > 1 and lines[first - 2].lstrip().startswith("#"):
+        first -= 1
+    assert node.end_lineno is not None
+    return "".join(lines[first - 1 : node.end_lineno])
+
+
+def pep604_to_typing(source: str) -> str:
+    """``X | None`` -> ``Optional[X]`` and ``X | Y`` -> ``Union[X, Y]`` in annotations:
+    open_clip supports Python 3.9, which evaluates annotations at definition time."""
+    tree = ast.parse(source)
+    annotations: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for arg in [
+                *args.posonlyargs,
+                *args.args,
+                *args.kwonlyargs,
+                *([args.vararg] if args.vararg else []),
+                *([args.kwarg] if args.kwarg else []),
+            ]:
+                if arg.annotation is not None:
+                    annotations.append(arg.annotation)
+            if node.returns is not None:
+                annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    unions: list[ast.BinOp] = []
+    for annotation in annotations:
+        for sub in ast.walk(annotation):
+            if isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.BitOr):
+                unions.append(sub)
+    # Outermost unions only; their operands are converted recursively.
+    inner = {id(u) for outer in unions for u in ast.walk(outer) if u is not outer}
+    offsets = line_offsets(source)
+
+    def span(node: ast.expr) -> tuple[int, int]:
+        assert node.end_lineno is not None and node.end_col_offset is not None
+        return (
+            offsets[node.lineno - 1] + node.col_offset,
+            offsets[node.end_lineno - 1] + node.end_col_offset,
+        )
+
+    def convert(node: ast.expr) -> str:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            parts: list[ast.expr] = []
+
+            def flatten(n: ast.expr) -> None:
+                if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr):
+                    flatten(n.left)
+                    flatten(n.right)
+                else:
+                    parts.append(n)
+
+            flatten(node)
+            texts = [
+                convert(p)
+                for p in parts
+                if not (isinstance(p, ast.Constant) and p.value is None)
+            ]
+            inner_text = (
+                texts[0] if len(texts) == 1 else f"Union[{', '.join(texts)}]"
+            )
+            return (
+                f"Optional[{inner_text}]" if len(texts) < len(parts) else inner_text
+            )
+        start, stop = span(node)
+        text = source[start:stop]
+        # Unions nested in a subscript, e.g. tuple[Tensor | None, ...].
+        subs = [
+            u
+            for u in ast.walk(node)
+            if isinstance(u, ast.BinOp) and isinstance(u.op, ast.BitOr)
+        ]
+        nested = {id(u) for o in subs for u in ast.walk(o) if u is not o}
+        subs = [u for u in subs if id(u) not in nested]
+        for sub in sorted(subs, key=lambda u: span(u)[0], reverse=True):
+            s0, s1 = span(sub)
+            text = text[: s0 - start] + convert(sub) + text[s1 - start :]
+        return text
+
+    outer = [u for u in unions if id(u) not in inner]
+    for union in sorted(outer, key=lambda u: span(u)[0], reverse=True):
+        s0, s1 = span(union)
+        source = source[:s0] + convert(union) + source[s1:]
+    return source
+
+
+def open_clip_loss_block() -> tuple[str, set[str]]:
+    """``XCLRClipLoss`` and its helpers, in open_clip's conventions; and the typing
+    names and standard-library modules they need imported."""
+    modules = {name: read_module(name) for name in PLUGIN_MODULES}
+
+    def resolve(module: str, name: str) -> tuple[str, str] | None:
+        info = modules[module]
+        if name in info.defs:
+            return module, name
+        if name in info.imports:
+            source_module, original = info.imports[name]
+            if source_module.startswith("xclr_plugin."):
+                target = source_module.split(".", 1)[1]
+                if target not in modules:
+                    raise GenerateError(
+                        f"XCLRClipLoss depends on xclr_plugin.{target}.{original}; "
+                        "add the module to PLUGIN_MODULES or an override."
+                    )
+                return resolve(target, original)
+        return None
+
+    order: list[tuple[str, str]] = []
+    external: set[str] = set()
+    todo = [("clip_loss", "XCLRClipLoss")]
+    while todo:
+        item = todo.pop(0)
+        if item in order:
+            continue
+        module, name = item
+        order.append(item)
+        if name in OPEN_CLIP_OVERRIDES:
+            node: ast.AST = ast.parse(OPEN_CLIP_OVERRIDES[name])
+        else:
+            node = modules[module].defs[name]
+        for ref in sorted(referenced_names(node)):
+            found = resolve(module, ref)
+            if found is not None:
+                if found[1] != ref:
+                    raise GenerateError(f"{module}.{ref} is an alias: not supported.")
+                todo.append(found)
+                continue
+            origin = modules[module].imports.get(ref, ("", ""))[0]
+            if origin.split(".")[0] == "lightly" and name not in OPEN_CLIP_OVERRIDES:
+                raise GenerateError(
+                    f"{module}.{name} uses {ref} from lightly: add an override for it "
+                    "to OPEN_CLIP_OVERRIDES."
+                )
+            if ref not in dir(builtins) and ref not in _locals_of(node):
+                external.add(ref)
+    # Standard-library modules imported whole (math, numbers, ...) become imports.
+    stdlib = {
+        ref
+        for ref in external
+        if ref in sys.stdlib_module_names
+        and any(m.imports.get(ref) == (ref, "") for m in modules.values())
+    }
+    unknown = external - OPEN_CLIP_NAMESPACE - stdlib
+    if unknown:
+        raise GenerateError(
+            f"XCLRClipLoss needs {sorted(unknown)}, which open_clip's loss.py does "
+            "not provide: extend the import edits in open_clip_changes()."
+        )
+    # Class first, then the helpers in the order of their modules and sources.
+    key = {m: i for i, m in enumerate(PLUGIN_MODULES)}
+    helpers = sorted(
+        order[1:],
+        key=lambda item: (key[item[0]], modules[item[0]].defs[item[1]].lineno),
+    )
+    parts = []
+    for module, name in [order[0], *helpers]:
+        if name in OPEN_CLIP_OVERRIDES:
+            parts.append(OPEN_CLIP_OVERRIDES[name])
+        else:
+            parts.append(segment_with_comments(modules[module], modules[module].defs[name]))
+    block = "\n\n".join(part.rstrip("\n") + "\n" for part in parts)
+    block = re.sub(r"  # type: ignore\[[^\]]*\]", "", block)
+    block = re.sub(r"(?<![\w.])Tensor\b", "torch.Tensor", block)
+    block = pep604_to_typing(block)
+    _check_no_pep604(block)
+    used = ({"Optional", "Union"} | stdlib) & referenced_names(ast.parse(block))
+    return block, used
+
+
+def _locals_of(node: ast.AST) -> set[str]:
+    """Names bound inside the definition (arguments, assignments, loops, comprehensions)."""
+    bound: set[str] = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.arg):
+            bound.add(sub.arg)
+        elif isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
+            bound.add(sub.id)
+        elif isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(sub.name)
+    return bound
+
+
+def _check_no_pep604(block: str) -> None:
+    for node in ast.walk(ast.parse(block)):
+        annotations: list[ast.expr | None] = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations = [
+                a.annotation
+                for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            ] + [node.returns]
+        for annotation in annotations:
+            if annotation is None:
+                continue
+            for sub in ast.walk(annotation):
+                if isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.BitOr):
+                    raise GenerateError(
+                        f"line {sub.lineno}: a PEP 604 union is left in an annotation."
+                    )
+
+
+def open_clip_changes() -> list[FileChange]:
+    require_version("open_clip_torch", OPEN_CLIP_VERSION)
+    site = installed_root("open_clip")
+    block, used = open_clip_loss_block()
+
+    loss_path = "open_clip/loss.py"
+    loss_old = (site / loss_path).read_text()
+    typing_names = ", ".join(sorted({"Optional"} | (used & {"Optional", "Union"})))
+    header = "".join(
+        f"import {m}\n" for m in sorted(used - {"Optional", "Union"})
+    ) + f"from typing import {typing_names}\n"
+    loss_new = replace_once(
+        loss_old, "from typing import Optional\n", header, what=loss_path
+    )
+    loss_new = loss_new.rstrip("\n") + "\n\n\n" + block
+
+    factory_path = "open_clip/factory.py"
+    factory_old = (site / factory_path).read_text()
+    factory_new = replace_once(
+        factory_old,
+        "from .loss import ClipLoss, DistillClipLoss, CoCaLoss, SigLipLoss\n",
+        "from .loss import ClipLoss, DistillClipLoss, CoCaLoss, SigLipLoss, XCLRClipLoss\n",
+        what=factory_path,
+    )
+    factory_new = insert_after(
+        factory_new,
+        "            dist_impl=args.loss_dist_impl,  # siglip has multiple distributed "
+        "implementations to choose from\n        )\n",
+        """    elif getattr(args, "xclr", False):
+        # X-CLR soft targets from the similarity of the batch's own (detached) text
+        # features; with identical targets ("captions" mode, no targets) it is ClipLoss.
+        return XCLRClipLoss(
+            local_loss=args.local_loss,
+            gather_with_grad=args.gather_with_grad,
+            cache_labels=True,
+            rank=args.rank,
+            world_size=args.world_size,
+            target_temperature=args.xclr_target_temperature,
+            target_mode="clip-text",
+            use_horovod=args.horovod,
+        )
+""",
+        what=factory_path,
+    )
+
+    init_path = "open_clip/__init__.py"
+    init_old = (site / init_path).read_text()
+    init_new = replace_once(
+        init_old,
+        "from .loss import ClipLoss, DistillClipLoss, CoCaLoss\n",
+        "from .loss import ClipLoss, DistillClipLoss, CoCaLoss, XCLRClipLoss\n",
+        what=init_path,
+    )
+
+    params_path = "open_clip_train/params.py"
+    params_old = (site / params_path).read_text()
+    params_new = insert_after(
+        params_old,
+        """        "--siglip",
+        default=False,
+        action="store_true",
+        help='Use SigLip (sigmoid) loss.'
+    )
+""",
+        """    parser.add_argument(
+        "--xclr",
+        default=False,
+        action="store_true",
+        help='Use X-CLR loss: soft targets from the similarity of the batch\\'s text features.'
+    )
+    parser.add_argument(
+        "--xclr-target-temperature",
+        type=float,
+        default=0.1,
+        help='Temperature of the X-CLR soft targets (smaller values approach the CLIP loss).'
+    )
+""",
+        what=params_path,
+    )
+    test_path = "tests/test_xclr_loss.py"
+    return [
+        FileChange(f"src/{loss_path}", loss_old, loss_new),
+        FileChange(f"src/{factory_path}", factory_old, factory_new),
+        FileChange(f"src/{init_path}", init_old, init_new),
+        FileChange(f"src/{params_path}", params_old, params_new),
+        FileChange(
+            test_path,
+            None,
+            (UPSTREAM / "open_clip" / "files" / test_path).read_text(),
+        ),
+    ]
+
+
+# -- main ------------------------------------------------------------------------------
+
+TARGETS: dict[str, Callable[[], list[FileChange]]] = {
+    "lightly": lightly_changes,
+    "open_clip": open_clip_changes,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="upstream/generate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a committed patch differs from the sources",
+    )
+    parser.add_argument(
+        "--tree",
+        metavar="DIR",
+        help="also write the patched files (new versions) under DIR/<host>/",
+    )
+    args = parser.parse_args(argv)
+    drift = []
+    for host, changes_of in TARGETS.items():
+        try:
+            changes = changes_of()
+        except GenerateError as err:
+            print(f"upstream/generate.py: error: {host}: {err}", file=sys.stderr)
+            return 2
+        patch = unified_patch(changes)
+        path = UPSTREAM / host / "xclr.patch"
+        current = path.read_text() if path.exists() else None
+        if args.check:
+            if current != patch:
+                drift.append(path.relative_to(ROOT))
+        elif current != patch:
+            path.write_text(patch)
+            print(f"wrote {path.relative_to(ROOT)}")
+        if args.tree:
+            for change in changes:
+                out = Path(args.tree) / host / change.path
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(change.new)
+    if drift:
+        print(
+            "upstream/generate.py: error: out of date (run python upstream/generate.py): "
+            + ", ".join(map(str, drift)),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
