@@ -1,450 +1,276 @@
-"""Reproduction benchmark: the demo's comparison with more epochs, 3 seeds and SupCon.
+"""Reproduction: the demo's comparison over several seeds, plus a batch-size sweep.
 
-Trains the demo's encoder (``xclr_plugin.demo``) on the Twemoji training images with
-SimCLR, X-CLR (caption targets), CLIP-style image-text training and SupCon (X-CLR with
-the category labels: supervised, an upper reference), for each seed, and evaluates each
-by linear probe and kNN on the held-out images. The split is fixed (``--split-seed``);
-a seed changes the initial weights (shared by all methods), the augmentations and the
-batch order, so the spread is training noise and methods are compared pairwise per seed.
+Runs ``xclr-demo`` (:func:`xclr_plugin.demo.run_demo`) once per seed, each into its own
+folder under ``--output/<name>_runs/``; a seed changes the initial weights (shared by
+all methods), the augmentations and the batch order, while the split stays fixed, so
+methods are compared pairwise per seed. The demo saves every finished (task, method),
+so an interrupted benchmark continues where it stopped when run again, and seeds can
+run as separate processes side by side, then be summarised by one more call with all
+seeds (which only reads the finished runs):
 
-``--pretrain-fractions`` adds the data-scarce setting of the paper's claim: the encoders
-see only a stratified fraction of the training images (same epochs, so fewer steps),
-while the probes are still fitted on all training images.
+    for s in 0 1 2; do python benchmarks/reproduce.py --seeds $s --threads 1 & done; wait
+    python benchmarks/reproduce.py --seeds 0,1,2
 
-Writes ``benchmarks/results/reproduce.json`` (every run, the aggregates, config,
-versions, machine load), ``reproduce.md`` (tables) and ``reproduce.png`` (chart; one
-``reproduce_scarce<pct>.png`` per extra fraction), each after every finished run, so an
-interrupted benchmark continues with ``--resume``.
+writes ``<name>.json`` (every score, means, paired differences), ``<name>.md`` (tables)
+and ``<name>.png`` (the demo's figure with error bars over seeds).
 
-Usage (defaults: 24 epochs = twice the demo's, seeds 0,1,2, all four methods):
-    python benchmarks/reproduce.py --pretrain-fractions 1,0.25 --threads 1
-    # the same runs as one process per seed, then merged (what RESULTS.md reports):
-    for s in 0 1 2; do python benchmarks/reproduce.py --seeds $s \
-        --pretrain-fractions 1,0.25 --threads 1 --name reproduce_seed$s & done; wait
-    python benchmarks/reproduce.py --merge benchmarks/results/reproduce_seed{0,1,2}.json
-    python benchmarks/reproduce.py --limit 200 --epochs 1 --seeds 0 --output smoke-out  # smoke
+``--batch-sizes 64,256,1024`` runs the sweep instead: the caption regime (``--data
+twemoji``) with SimCLR and X-CLR at each batch size (same epochs, so fewer steps for
+larger batches), with X-CLR's target mass on the own view at each size.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from xclr_plugin import demo
+from xclr_plugin.atomic import write_json_atomic, write_text_atomic
+from xclr_plugin.demo import METHODS, DemoConfig, run_demo
+from xclr_plugin.demo.cli import build_parser as demo_parser
+from xclr_plugin.demo.cli import config_from_args
+from xclr_plugin.demo.report import plot_results
 
 from _common import RESULTS, command_line, markdown_table
 
-NAME = "reproduce"
-DEFAULT_METHODS = "simclr,xclr,clip,supcon"
-DEFAULT_EPOCHS = 24
-DEFAULT_SEEDS = "0,1,2"
-# The keys of the config that must match for --resume to reuse earlier runs.
-_RUN_KEYS = ("method", "seed", "pretrain_fraction")
+METRICS = ("linear_top1", "knn_top1", "structure_rho")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The demo's parser with the benchmark's defaults and options."""
-    parser = demo.build_parser()
+    """The demo's parser plus ``--seeds``, ``--name`` and ``--batch-sizes``."""
+    parser = demo_parser()
     parser.prog = "benchmarks/reproduce.py"
-    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    parser.set_defaults(
-        epochs=DEFAULT_EPOCHS, methods=DEFAULT_METHODS, output=os.path.relpath(RESULTS)
-    )
+    parser.set_defaults(output=os.path.relpath(RESULTS))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument(
-        "--seeds", default=DEFAULT_SEEDS, help="comma-separated training seeds"
+        "--name", default=None, help="output stem (default: reproduce or sweep)"
     )
-    parser.add_argument(
-        "--pretrain-fractions",
-        default="1.0",
-        help="comma-separated fractions of the training images the encoders see",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="reuse finished runs of the same config"
-    )
-    parser.add_argument(
-        "--name", default=NAME, help="file name stem of the outputs in --output"
-    )
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="combine result files of the same configuration (e.g. one per seed) "
-        "into --output/--name instead of running",
-    )
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated batch sizes: run the batch-size sweep")  # fmt: skip
     return parser
 
 
-def _floats(text: str, option: str) -> list[float]:
+def _ints(text: str, option: str) -> list[int]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SystemExit(
-            f"{option} must be comma-separated numbers, got {text!r}."
+            f"{option} must be comma-separated integers, got {text!r}."
         ) from None
     if not values:
         raise SystemExit(f"{option} is empty.")
     return values
 
 
-def _fingerprint(config: demo.DemoConfig) -> dict[str, Any]:
-    """The config without what varies between runs or does not change results."""
-    out = dataclasses.asdict(config)
-    for key in (
-        "methods",
-        "seed",
-        "pretrain_fraction",
-        "output",
-        "threads",
-        "workers",
-        "device",
-    ):
-        out.pop(key)
-    return out
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "values": list(values)}
 
 
 def aggregate(
-    runs: Sequence[dict[str, Any]], methods: Sequence[str], fractions: Sequence[float]
+    payloads: Sequence[dict[str, Any]], methods: Sequence[str]
 ) -> dict[str, Any]:
-    """Mean and spread per method, and paired differences per seed.
-
-    Returns:
-        ``{fraction: {"methods": {name: stats}, "paired": {"a - b": stats}}}`` with
-        fraction keys as strings.
-    """
+    """Per task: mean ± std of every score, and X-CLR minus each method per seed."""
     out: dict[str, Any] = {}
-    for fraction in fractions:
+    for task in payloads[0]["results"]:
         block: dict[str, Any] = {"methods": {}, "paired": {}}
-        by_method: dict[str, dict[int, dict[str, Any]]] = {}
-        for run in runs:
-            if run["pretrain_fraction"] == fraction:
-                by_method.setdefault(run["method"], {})[run["seed"]] = run
-        for name in ["random_init", *methods]:
-            seeds = by_method.get(name, {})
-            if not seeds:
-                continue
-            stats: dict[str, Any] = {"seeds": sorted(seeds), "n": len(seeds)}
-            for key in (
-                "linear_top1",
-                "knn_top1",
-                "train_seconds",
-                "train_cpu_seconds",
-            ):
-                values = [float(seeds[s][key]) for s in sorted(seeds)]
-                mean, std = _mean_std(values)
-                stats[key] = {"mean": mean, "std": std, "values": values}
-            block["methods"][name] = stats
-        for a, b in (
-            ("xclr", "simclr"),
-            ("xclr", "clip"),
-            ("xclr", "supcon"),
-            ("simclr", "clip"),
-        ):
-            common = sorted(set(by_method.get(a, {})) & set(by_method.get(b, {})))
-            if not common:
-                continue
-            pair: dict[str, Any] = {"seeds": common}
-            for key in ("linear_top1", "knn_top1"):
-                diffs = [by_method[a][s][key] - by_method[b][s][key] for s in common]
-                mean, std = _mean_std(diffs)
-                pair[key] = {
-                    "mean": mean,
-                    "std": std,
-                    "values": diffs,
-                    "wins": sum(d > 0 for d in diffs),
-                }
-            block["paired"][f"{a} - {b}"] = pair
-        out[f"{fraction:g}"] = block
+        block["methods"]["random_init"] = {
+            k: mean_std([p["references"][task]["random_init"][k] for p in payloads])
+            for k in METRICS
+        }
+        for m in methods:
+            block["methods"][m] = {
+                k: mean_std([p["results"][task][m]["scores"][k] for p in payloads])
+                for k in METRICS
+            }
+        if "xclr" in methods:
+            for m in methods:
+                if m == "xclr":
+                    continue
+                pair = {}
+                for k in METRICS:
+                    diffs = [p["results"][task]["xclr"]["scores"][k]
+                             - p["results"][task][m]["scores"][k] for p in payloads]  # fmt: skip
+                    pair[k] = {**mean_std(diffs), "wins": sum(d > 0 for d in diffs)}
+                block["paired"][f"xclr - {m}"] = pair
+        refs = [p["references"][task] for p in payloads]
+        block["probe_noise"] = refs[0]["probe_noise"]
+        block["own_view_mass"] = refs[0]["own_view_mass"]
+        block["majority_class"] = refs[0]["majority_class"]
+        block["descriptions_alone"] = refs[0]["descriptions_alone"]
+        block["regime"] = payloads[0]["data"][task]["regime"]
+        out[task] = block
     return out
 
 
-def _label(name: str) -> str:
-    return "random init" if name == "random_init" else demo.METHODS[name].label
-
-
-def _pm(stat: dict[str, Any]) -> str:
+def _pm(stat: dict[str, Any], key: str) -> str:
+    if key == "structure_rho":
+        return f"{stat['mean']:+.2f} ± {stat['std']:.2f}"
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _label(name: str) -> str:
+    return "random init" if name == "random_init" else METHODS[name].label
 
 
 def markdown(payload: dict[str, Any]) -> str:
     """The tables of ``reproduce.md``."""
-    config = payload["config"]
-    data = payload["data"]
+    c = payload["config"]
     lines = [
-        "# X-CLR reproduction on Twemoji"
-        if config["data"] == "twemoji"
-        else f"# X-CLR reproduction on {config['data']}",
+        "# X-CLR reproduction: both regimes",
         "",
         f"Command: `{payload['command']}`",
         "",
-        f"Data: {data['images']} images, {len(data['classes'])} classes "
-        f"(left out: {data['dropped_classes'] or 'none'}), train {data['train_images']} / "
-        f"test {data['test_images']} (fixed split, seed {config['split_seed']}). Encoder: "
-        f"{config['image_size']}px, width {config['width']}; {config['epochs']} epochs, "
-        f"batch {config['batch_size']}, AdamW lr {config['lr']}. Seeds: {payload['seeds']}. "
-        "Top-1 accuracy (%) on the held-out images, mean ± std over seeds.",
+        f"{c['epochs']} epochs, batch {c['batch_size']}, {c['image_size']} px, width "
+        f"{c['width']}, AdamW lr {c['lr']}, tau {c['temperature']}, tau_s "
+        f"{c['target_temperature']}; seeds {payload['seeds']}; scored on the "
+        f"{'validation' if c['eval_split'] == 'val' else 'held-out test'} images. "
+        "Accuracies in %, rho = Spearman correlation with the description similarities; "
+        "mean ± std over seeds.",
         "",
     ]
-    refs = payload["references"]
-    for fraction, block in payload["aggregate"].items():
-        pct = f"{100 * float(fraction):.0f}%"
-        lines += [f"## Encoders trained on {pct} of the training images", ""]
-        rows = []
-        for name, stats in block["methods"].items():
-            uses = "-" if name == "random_init" else demo.METHODS[name].uses
-            seconds = stats["train_seconds"]["mean"]
-            rows.append(
-                [
-                    _label(name),
-                    uses,
-                    _pm(stats["linear_top1"]),
-                    _pm(stats["knn_top1"]),
-                    " ".join(f"{100 * v:.1f}" for v in stats["linear_top1"]["values"]),
-                    f"{seconds:.0f}" if seconds else "-",
-                ]
-            )
+    for task, block in payload["aggregate"].items():
+        lines += [f"## {task} ({block['regime']})", ""]
+        rows = [
+            [_label(m), *(_pm(s[k], k) for k in METRICS),
+             " ".join(f"{100 * v:.1f}" for v in s["linear_top1"]["values"])]
+            for m, s in block["methods"].items()
+        ]  # fmt: skip
         lines.append(
-            markdown_table(
-                [
-                    "method",
-                    "trains on",
-                    "linear probe",
-                    "kNN",
-                    "linear per seed",
-                    "train s",
-                ],
-                rows,
-            )
+            markdown_table(["method", "linear", "kNN", "rho", "linear per seed"], rows)
         )
-        if block["paired"]:
-            pair_rows = [
-                [
-                    name.replace("xclr", "X-CLR")
-                    .replace("simclr", "SimCLR")
-                    .replace("clip", "CLIP")
-                    .replace("supcon", "SupCon"),
-                    f"{100 * p['linear_top1']['mean']:+.1f} ± {100 * p['linear_top1']['std']:.1f}",
-                    f"{p['linear_top1']['wins']}/{len(p['seeds'])}",
-                    f"{100 * p['knn_top1']['mean']:+.1f} ± {100 * p['knn_top1']['std']:.1f}",
-                    f"{p['knn_top1']['wins']}/{len(p['seeds'])}",
-                ]
-                for name, p in block["paired"].items()
-            ]
-            lines += [
-                "Paired differences (same seed, same initial weights and batches), points:",
-                "",
-                markdown_table(
-                    ["difference", "linear", "wins", "kNN", "wins"], pair_rows
-                ),
-            ]
-    majority = refs["majority_class"]
-    text = refs["caption_text"]
-    lines += [
-        f"Chance: majority class ({majority['class']}) {100 * majority['linear_top1']:.1f}%, "
-        f"uniform {100 * refs['uniform_chance']:.1f}%. Captions alone (MiniLM embeddings, "
-        f"no image): linear {100 * text['linear_top1']:.1f}%, kNN {100 * text['knn_top1']:.1f}%. "
-        f"One test-set standard error at 50% accuracy: ±{100 * (0.25 / data['test_images']) ** 0.5:.1f} points.",
-        "",
-    ]
-    if data.get("credit"):
-        lines += [data["credit"], ""]
+        pairs = [
+            [f"X-CLR - {_label(name.split(' - ')[1])}",
+             *(f"{_pm(p[k], k).replace('±', '±')} ({p[k]['wins']}/{len(payload['seeds'])})"
+               for k in METRICS)]
+            for name, p in block["paired"].items()
+        ]  # fmt: skip
+        lines += [
+            "Paired differences per seed (same initial weights and batches), wins in "
+            "brackets:",
+            "",
+            markdown_table(["difference", "linear", "kNN", "rho"], pairs),
+            f"Probe noise (1 s.e. of one accuracy): ±{100 * block['probe_noise']:.1f} "
+            f"points. Majority class {100 * block['majority_class']['top1']:.1f}%. "
+            f"Descriptions alone: linear {100 * block['descriptions_alone']['linear_top1']:.1f}%. "
+            f"X-CLR target mass on the own view: {100 * block['own_view_mass']:.0f}%.",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def _rows_for_chart(block: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "label": _label(name),
-            "linear_top1": stats["linear_top1"]["mean"],
-            "linear_std": stats["linear_top1"]["std"],
-            "knn_top1": stats["knn_top1"]["mean"],
-            "knn_std": stats["knn_top1"]["std"],
-        }
-        for name, stats in block["methods"].items()
-    ]
-
-
-def write_outputs(payload: dict[str, Any], out_dir: Path, name: str = NAME) -> None:
-    """Writes JSON, markdown and charts (atomically)."""
-    demo.write_json_atomic(out_dir / f"{name}.json", payload)
-    demo.write_text_atomic(out_dir / f"{name}.md", markdown(payload))
-    config = payload["config"]
-    for fraction, block in payload["aggregate"].items():
-        if not block["methods"]:
-            continue
-        f = float(fraction)
-        suffix = "" if f >= 1 else f"_scarce{100 * f:.0f}"
-        demo.plot_results(
-            _rows_for_chart(block),
-            out_dir / f"{name}{suffix}.png",
-            title=(
-                f"{config['data']}: held-out top-1, mean ± std over seeds {payload['seeds']}, "
-                f"{config['epochs']} epochs, encoders on {100 * f:.0f}% of train"
-            ),
-            chance=payload["references"]["majority_class"]["linear_top1"],
-            footnote=payload["data"].get("credit"),
+def reproduce(config: DemoConfig, seeds: list[int], name: str, command: str) -> None:
+    """Runs (or resumes) every seed, then writes the summary files."""
+    out = Path(config.output)
+    payloads = []
+    for seed in seeds:
+        run = dataclasses.replace(
+            config, seed=seed, output=str(out / f"{name}_runs" / f"seed{seed}")
         )
-
-
-def merge(paths: Sequence[Path], out_dir: Path, name: str) -> dict[str, Any]:
-    """Combines the runs of several result files of the same configuration.
-
-    Lets the seeds run as separate processes (``--name reproduce_seed0 --seeds 0``,
-    ...) and be reported together (``--merge FILE... --name reproduce``).
-
-    Raises:
-        SystemExit: If the files hold different configurations or overlapping runs.
-    """
-    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    first = parts[0]
-    for path, part in zip(paths, parts, strict=True):
-        if part["fingerprint"] != first["fingerprint"]:
-            raise SystemExit(
-                f"{path} was run with a different configuration than {paths[0]}."
-            )
-    runs: list[dict[str, Any]] = []
-    seen: set[tuple[Any, ...]] = set()
-    for path, part in zip(paths, parts, strict=True):
-        for run in part["runs"]:
-            key = tuple(run[k] for k in _RUN_KEYS)
-            if key in seen:
-                raise SystemExit(
-                    f"{path} repeats the run {dict(zip(_RUN_KEYS, key, strict=True))}."
-                )
-            seen.add(key)
-            runs.append(run)
-    seeds = sorted({int(s) for part in parts for s in part["seeds"]})
-    fractions = sorted(
-        {float(f) for part in parts for f in part["pretrain_fractions"]}, reverse=True
-    )
-    payload = {
-        **first,
+        payloads.append(
+            run_demo(run, progress=False, command=f"{command} (seed {seed})")
+        )
+    summary = {
+        "command": command,
+        "config": dataclasses.asdict(config),
         "seeds": seeds,
-        "pretrain_fractions": fractions,
-        "command": " && ".join(part["command"] for part in parts),
-        "merged_from": [os.fspath(p) for p in paths],
-        "runs": runs,
-        "aggregate": aggregate(runs, first["config"]["methods"], fractions),
-        "timings_seconds": {
-            os.fspath(p): part["timings_seconds"]
-            for p, part in zip(paths, parts, strict=True)
-        },
-        "machine": {
-            os.fspath(p): part["machine"] for p, part in zip(paths, parts, strict=True)
-        },
+        "aggregate": aggregate(payloads, config.methods),
+        "timings_seconds": [p["timings_seconds"] for p in payloads],
+        "machine": [p["machine"] for p in payloads],
+        "versions": payloads[0]["versions"],
     }
-    write_outputs(payload, out_dir, name)
-    return payload
+    write_json_atomic(out / f"{name}.json", summary)
+    write_text_atomic(out / f"{name}.md", markdown(summary))
+    tasks = list(summary["aggregate"])
+    rows = []
+    for m in ["random_init", *config.methods]:
+        row: dict[str, Any] = {"label": _label(m)}
+        for t in tasks:
+            s = summary["aggregate"][t]["methods"][m]
+            row[t] = {**{k: s[k]["mean"] for k in METRICS},
+                      **{f"{k}_std": s[k]["std"] for k in METRICS}}  # fmt: skip
+        rows.append(row)
+    plot_results(
+        tasks, [f"{t}: {summary['aggregate'][t]['regime']}" for t in tasks], rows,
+        out / f"{name}.png",
+        suptitle=f"mean ± std over seeds {seeds}; {config.epochs} epochs, batch {config.batch_size}",
+        chance=[summary["aggregate"][t]["majority_class"]["top1"] for t in tasks],
+    )  # fmt: skip
+    print(markdown(summary))
+
+
+def sweep(
+    config: DemoConfig, seeds: list[int], sizes: list[int], name: str, command: str
+) -> None:
+    """SimCLR vs X-CLR in one task at several batch sizes."""
+    out = Path(config.output)
+    rows, blocks = [], {}
+    for size in sizes:
+        payloads = []
+        for seed in seeds:
+            run = dataclasses.replace(
+                config, seed=seed, batch_size=size,
+                output=str(out / f"{name}_runs" / f"B{size}_seed{seed}"),
+            )  # fmt: skip
+            payloads.append(
+                run_demo(
+                    run, progress=False, command=f"{command} (B={size}, seed {seed})"
+                )
+            )
+        block = aggregate(payloads, config.methods)
+        blocks[str(size)] = block
+        for task, b in block.items():
+            cells = [str(size), task, f"{100 * b['own_view_mass']:.0f}%"]
+            for m in config.methods:
+                cells += [_pm(b["methods"][m][k], k) for k in METRICS]
+            for pair in b["paired"].values():
+                cells += [
+                    f"{100 * pair['linear_top1']['mean']:+.1f} ({pair['linear_top1']['wins']}/{len(seeds)})"
+                ]
+            rows.append(cells)
+    header = ["B", "task", "X-CLR own-view mass"]
+    for m in config.methods:
+        header += [f"{METHODS[m].label} {k.split('_')[0]}" for k in METRICS]
+    header += [
+        f"X-CLR - {METHODS[m].label} linear" for m in config.methods if m != "xclr"
+    ]
+    text = "\n".join([
+        "# Batch-size sweep", "", f"Command: `{command}`", "",
+        f"{config.epochs} epochs at every batch size (fewer steps for larger batches); "
+        f"seeds {seeds}; scored on the {'validation' if config.eval_split == 'val' else 'held-out test'} images.",
+        "", markdown_table(header, rows),
+    ])  # fmt: skip
+    write_json_atomic(out / f"{name}.json", {"command": command, "config": dataclasses.asdict(config),
+                                              "seeds": seeds, "batch_sizes": sizes, "aggregate": blocks})  # fmt: skip
+    write_text_atomic(out / f"{name}.md", text)
+    print(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark (or merges result files with ``--merge``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    out_dir = Path(args.output)
-    if args.merge:
-        merged = merge([Path(p) for p in args.merge], out_dir, args.name)
-        print(markdown(merged))
-        print(
-            f"Merged {len(args.merge)} file(s) into {out_dir / args.name}.{{json,md,png}}."
+    """Entry point; see the module docstring."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    config.validate()
+    seeds = _ints(args.seeds, "--seeds")
+    command = command_line()
+    if args.batch_sizes:
+        sweep(
+            config,
+            seeds,
+            _ints(args.batch_sizes, "--batch-sizes"),
+            args.name or "sweep_batch",
+            command,
         )
-        return 0
-    seeds = [int(s) for s in _floats(args.seeds, "--seeds")]
-    fractions = _floats(args.pretrain_fractions, "--pretrain-fractions")
-    try:
-        base = demo.config_from_args(args)
-        base.validate()
-        for f in fractions:
-            dataclasses.replace(base, pretrain_fraction=f).validate()
-    except ValueError as err:
-        parser.error(str(err))
-    if base.threads is not None:
-        torch.set_num_threads(base.threads)
-    progress = not args.no_progress
-    json_path = out_dir / f"{args.name}.json"
-
-    start = time.perf_counter()
-    machine_start = demo.machine()
-    data = demo.load_data(base, progress=progress)
-    references = demo.reference_results(data, base)
-    runs: list[dict[str, Any]] = []
-    if args.resume and json_path.is_file():
-        previous = json.loads(json_path.read_text(encoding="utf-8"))
-        if previous.get("fingerprint") == _fingerprint(base):
-            runs = [
-                r
-                for r in previous.get("runs", [])
-                if r["seed"] in seeds and r["pretrain_fraction"] in fractions
-            ]
-            print(f"Resuming: {len(runs)} finished run(s) reused from {json_path}.")
-        else:
-            print(f"Not resuming: {json_path} holds a different configuration.")
-    done = {tuple(r[k] for k in _RUN_KEYS) for r in runs}
-
-    def payload() -> dict[str, Any]:
-        return {
-            "config": dataclasses.asdict(base),
-            "fingerprint": _fingerprint(base),
-            "seeds": seeds,
-            "pretrain_fractions": fractions,
-            "command": command_line(),
-            "data": data.summary(),
-            "references": references,
-            "runs": runs,
-            "aggregate": aggregate(runs, base.methods, fractions),
-            "timings_seconds": {**data.seconds, "total": time.perf_counter() - start},
-            "machine": {"start": machine_start, "now": demo.machine()},
-            "versions": demo.versions(),
-        }
-
-    todo = [
-        (f, s, m)
-        for f in fractions
-        for s in seeds
-        for m in ["random_init", *base.methods]
-        if (m, s, f) not in done
-    ]
-    for i, (fraction, seed, method) in enumerate(todo, start=1):
-        config = dataclasses.replace(base, pretrain_fraction=fraction, seed=seed)
-        if method == "random_init":
-            ref = demo.reference_results(data, config, seed=seed)["random_init"]
-            result = dict(ref)
-        else:
-            res, _ = demo.run_method(
-                demo.METHODS[method], data, config, seed=seed, progress=progress,
-                position=f"[{i}/{len(todo)}] f={fraction:g} seed={seed} ",
-            )  # fmt: skip
-            result = dataclasses.asdict(res)
-            print(
-                f"{res.label:18s} f={fraction:g} seed={seed}: linear {100 * res.linear_top1:.1f}  "
-                f"kNN {100 * res.knn_top1:.1f}  ({res.train_seconds:.0f} s)",
-                flush=True,
-            )
-        result.update({"method": method, "seed": seed, "pretrain_fraction": fraction})
-        runs.append(result)
-        write_outputs(payload(), out_dir, args.name)
-    final = payload()
-    write_outputs(final, out_dir, args.name)
-    print(markdown(final))
-    print(
-        f"Done in {time.perf_counter() - start:.0f} s; wrote {out_dir / args.name}.{{json,md,png}}."
-    )
+    else:
+        reproduce(config, seeds, args.name or "reproduce", command)
     return 0
 
 

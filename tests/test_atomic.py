@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from xclr_plugin.atomic import atomic_path, write_json_atomic, write_text_atomic
+from xclr_plugin.atomic import (
+    atomic_path,
+    remove_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -24,3 +31,44 @@ def test_write_creates_missing_folders(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b" / "table.md"
     write_text_atomic(target, "| x |\n")
     assert target.read_text() == "| x |\n"
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)]
+)
+def test_written_files_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Issue 12: files were always 0600 (tempfile.mkstemp), locking other users out."""
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "results.json", {"a": 1})
+        write_text_atomic(tmp_path / "results.txt", "x")
+        with atomic_path(tmp_path / "results.png") as tmp:
+            tmp.write_bytes(b"\x89PNG")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("reference: a file open() creates")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(plain.stat().st_mode) == mode
+    for name in ("results.json", "results.txt", "results.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_remove_temporaries_deletes_only_leftovers_of_the_named_files(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "manifest.json"
+    leftover = tmp_path / ".manifest.json.1a2b3c4d.tmp"
+    leftover.write_text("{")
+    other = tmp_path / ".results.json.1a2b3c4d.tmp"
+    other.write_text("{")
+    keep = tmp_path / "manifest.json.tmp"
+    keep.write_text("a user's file")
+    assert remove_temporaries(tmp_path, [target.name]) == [leftover]
+    assert not leftover.exists() and other.exists() and keep.exists()
+
+
+def test_a_directory_target_is_refused_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        write_text_atomic(tmp_path / "out", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -509,7 +509,7 @@ def test_caption_table_refuses_non_finite_embeddings(encoder: TextEncoder) -> No
 
     with pytest.raises(ValueError, match=r"1 row\(s\).*'img_01\.png'"):
         CaptionTable.from_records(RECORDS[:3], NaNEncoder())
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         CaptionTable(np.ones((2, 3)), ["a", "b"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="floating-point"):
         CaptionTable(torch.ones(2, 3, dtype=torch.int64), ["a", "b"])

@@ -32,7 +32,7 @@ from xclr_plugin.cache import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cache_builder import RECORDS, HashEncoder, expected_rows  # noqa: E402
+from _cache_builder import RECORDS, HashEncoder, expected_rows
 
 pytestmark = pytest.mark.distributed  # spawns processes
 
@@ -42,7 +42,10 @@ FP16_ATOL = 2e-3
 
 
 def _start(out: Path, control: Path, mode: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent))
+    path = os.pathsep.join(
+        filter(None, [str(SCRIPT.parent), os.environ.get("PYTHONPATH")])
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(out), str(control), mode],
         stdout=subprocess.PIPE,
@@ -57,7 +60,9 @@ def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) 
     while not path.exists():
         if process.poll() is not None:
             output = process.stdout.read() if process.stdout else ""
-            raise AssertionError(f"builder exited early ({process.returncode}):\n{output}")
+            raise AssertionError(
+                f"builder exited early ({process.returncode}):\n{output}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.05)
@@ -117,13 +122,10 @@ def test_killed_builder_frees_the_lock_and_resume_cleans_up(tmp_path: Path) -> N
     assert any(name.startswith(".progress.json.") for name in leftovers)
     assert json.loads((out / PROGRESS_FILE).read_text())["rows_done"] == 20
 
-    # The kernel released the dead builder's lock: no waiting.
+    # (That the kernel released the dead builder's lock is checked below, with a
+    # lock timeout.)
     encoder = HashEncoder()
-    start = time.monotonic()
-    build_caption_cache(
-        RECORDS, out, encoder, chunk_size=10, progress=False, lock_timeout=5
-    )
-    assert time.monotonic() - start < 5
+    build_caption_cache(RECORDS, out, encoder, chunk_size=10, progress=False)
     assert encoder.embedded == len(RECORDS) - 20  # resumed, nothing embedded twice
     _assert_complete(out)
 
@@ -157,6 +159,7 @@ def test_builder_killed_from_outside_mid_build(tmp_path: Path) -> None:
         time.sleep(0.05)
     slow.send_signal(signal.SIGKILL)
     slow.wait(timeout=60)
+    # The kernel released the dead builder's lock: no waiting (TimeoutError if not).
     encoder = HashEncoder()
     build_caption_cache(
         RECORDS, out, encoder, chunk_size=10, progress=False, lock_timeout=5

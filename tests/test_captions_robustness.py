@@ -44,7 +44,7 @@ def _write(tmp_path: Path, name: str, data: bytes | str) -> Path:
     return path
 
 
-ACCEPTED = {
+ACCEPTED: dict[str, bytes | str] = {
     "plain": "filepath\ttitle\n" + ROWS,
     "bom": b"\xef\xbb\xbffilepath\ttitle\na.png\ta cat\n",
     "crlf": b"filepath\ttitle\r\na.png\ta cat\r\nb.png\ta dog\r\n",
@@ -71,7 +71,7 @@ def test_same_rows_as_open_clip(tmp_path: Path, name: str) -> None:
     assert [(r.filename, r.caption) for r in records] == expected
 
 
-REFUSED = {
+REFUSED: dict[str, tuple[bytes | str, str]] = {
     # Issue 12: an unclosed quote made the old reader return 3 rows out of 300.
     "unclosed_quote": (
         "filepath\ttitle\n" + ROWS.replace("caption 5\n", '"caption 5\n', 1),
@@ -97,7 +97,7 @@ def test_refused_like_open_clip(tmp_path: Path, name: str) -> None:
     assert str(path) in str(info.value)
 
 
-SILENTLY_WRONG_IN_OPEN_CLIP = {
+SILENTLY_WRONG_IN_OPEN_CLIP: dict[str, tuple[str, str]] = {
     # A quote opened in row 5 and closed in row 200: pandas reads 105 rows, and
     # row 5's caption holds rows 5-200.
     "quote_closed_later": (
@@ -119,9 +119,18 @@ SILENTLY_WRONG_IN_OPEN_CLIP = {
         "more fields than the header",
     ),
     # pandas reads these cells as missing; open_clip would train on the text 'nan'.
-    "empty_caption": ("filepath\ttitle\na.png\ta cat\nb.png\t\n", "line 3: image 'b.png' has no caption"),
-    "NA_caption": ("filepath\ttitle\na.png\tNA\n", "line 2: image 'a.png' has no caption"),
-    "missing_field": ("filepath\ttitle\na.png\n", "line 2: image 'a.png' has no caption"),
+    "empty_caption": (
+        "filepath\ttitle\na.png\ta cat\nb.png\t\n",
+        "line 3: image 'b.png' has no caption",
+    ),
+    "NA_caption": (
+        "filepath\ttitle\na.png\tNA\n",
+        "line 2: image 'a.png' has no caption",
+    ),
+    "missing_field": (
+        "filepath\ttitle\na.png\n",
+        "line 2: image 'a.png' has no caption",
+    ),
     "tab_only_line": ("filepath\ttitle\na.png\tcat\n\t\n", "line 3: no image path"),
     "header_only": ("filepath\ttitle\n", "no captions found"),
     "duplicate_image": (
@@ -198,13 +207,17 @@ def test_duplicate_header_takes_the_first_column_like_pandas(tmp_path: Path) -> 
 
 
 def test_labels_from_pandas_cells(tmp_path: Path) -> None:
-    path = _write(tmp_path, "l.tsv", "filepath\ttitle\tlabel\na.png\tx\t3\nb.png\ty\t-1\n")
+    path = _write(
+        tmp_path, "l.tsv", "filepath\ttitle\tlabel\na.png\tx\t3\nb.png\ty\t-1\n"
+    )
     assert [r.label for r in read_csv_captions(path, label_key="label")] == [3, -1]
     bad = _write(tmp_path, "b.tsv", "filepath\ttitle\tlabel\na.png\tx\t3\nb.png\ty\t\n")
-    with pytest.raises(ValueError, match="line 3: label column 'label' is not an integer"):
+    with pytest.raises(
+        ValueError, match="line 3: label column 'label' is not an integer"
+    ):
         read_csv_captions(bad, label_key="label")
     frac = _write(tmp_path, "f.tsv", "filepath\ttitle\tlabel\na.png\tx\t2.5\n")
-    with pytest.raises(ValueError, match="not an integer: 2.5"):
+    with pytest.raises(ValueError, match=r"not an integer: 2\.5"):
         read_csv_captions(frac, label_key="label")
 
 
@@ -239,7 +252,7 @@ def test_validate_records_refuses_wrong_types() -> None:
         validate_records("a.png")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected a CaptionRecord, got tuple"):
         validate_records([("a.png", "a cat")])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="label of 'a.png' must be an int or None"):
+    with pytest.raises(ValueError, match=r"label of 'a\.png' must be an int or None"):
         validate_records([CaptionRecord("a.png", "a cat", "3")])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty image file name"):
         validate_records([CaptionRecord(None, "a cat")])  # type: ignore[arg-type]

@@ -361,3 +361,114 @@ def test_chunked_accepts_the_logit_scales_dense_accepts(
     if isinstance(scale, torch.Tensor):
         chunked.backward()
         assert scale.grad is not None and scale.grad.shape == scale.shape
+
+
+class TestNonFiniteInputs:
+    """Issue 12: never a finite loss with non-finite gradients (NaN in, NaN out)."""
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    @pytest.mark.parametrize("chunk_size", [None, 2])
+    @pytest.mark.parametrize("mode", ["captions", "labels-like"])
+    def test_non_finite_target_row_gives_nan(
+        self, bad: float, chunk_size: int | None, mode: str
+    ) -> None:
+        batch = clip_batch(5, bias=True)
+        captions = batch["captions"].clone()
+        captions[2, 1] = bad
+        got = loss_and_grads(
+            XCLRClipLoss(chunk_size=chunk_size), batch, targets=captions
+        )
+        assert torch.isnan(got["loss"]), got["loss"]
+
+    @pytest.mark.parametrize("value", [1e-320, 1e-39])
+    def test_target_temperature_whose_inverse_overflows(self, value: float) -> None:
+        with pytest.raises(ValueError, match="whose inverse is finite in float32"):
+            XCLRClipLoss(target_temperature=value)
+
+    def test_finite_loss_always_has_finite_gradients(self) -> None:
+        batch = clip_batch(6, bias=True)
+        for tau_s in (1e-30, 1e-3, 1.0, 1e3):
+            for chunk_size in (None, 4):
+                got = loss_and_grads(
+                    XCLRClipLoss(target_temperature=tau_s, chunk_size=chunk_size),
+                    batch,
+                    targets=batch["captions"],
+                )
+                assert torch.isfinite(got["loss"])
+                for key in GRAD_KEYS:
+                    assert torch.isfinite(got[key]).all(), (tau_s, chunk_size, key)
+
+
+class TestTargetShapes:
+    @pytest.mark.parametrize("width", [0, 1])
+    def test_one_dimensional_caption_embeddings(self, width: int) -> None:
+        batch = clip_batch(4)
+        with pytest.raises(
+            ValueError,
+            match=r"Caption embeddings need text_dim >= 2.*pass them as a 1-D integer tensor",
+        ):
+            XCLRClipLoss()(
+                **{k: batch[k] for k in GRAD_KEYS}, targets=torch.randn(4, width)
+            )
+
+
+class TestAutocastProducts:
+    """Issue 13: under autocast the products run in the autocast dtype, as in ClipLoss."""
+
+    def _inputs(self, n: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        inputs = {
+            "image_features": F.normalize(torch.randn(n, 16, generator=gen), dim=1),
+            "text_features": F.normalize(torch.randn(n, 16, generator=gen), dim=1),
+            "logit_scale": torch.tensor(100.0),  # open_clip's clamp: tau = 0.01
+        }
+        return inputs, torch.randn(n, 12, generator=gen)
+
+    @pytest.mark.parametrize("chunk_size", [None, 16])
+    @pytest.mark.parametrize("with_captions", [False, True])
+    def test_close_to_float32_and_finite(
+        self, chunk_size: int | None, with_captions: bool
+    ) -> None:
+        inputs, captions = self._inputs()
+        targets = captions if with_captions else None
+        want = loss_and_grads(
+            XCLRClipLoss(chunk_size=chunk_size), inputs, targets=targets
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss_and_grads(
+                XCLRClipLoss(chunk_size=chunk_size), inputs, targets=targets
+            )
+        assert got["loss"].dtype == torch.float32
+        for key, value in got.items():
+            assert torch.isfinite(value).all(), key
+        # bf16 products: about 3 significant digits on logits of up to 100.
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=0.03, atol=0.05)
+        assert not torch.equal(got["loss"], want["loss"])  # the products did follow
+
+    def test_chunked_and_dense_are_as_accurate_under_autocast(self) -> None:
+        """Both within bf16 accuracy (3% of the largest entry) of float64."""
+        inputs, captions = self._inputs()
+        want = loss_and_grads(
+            XCLRClipLoss(),
+            {k: v.double() for k, v in inputs.items()},
+            targets=captions.double(),
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dense = loss_and_grads(XCLRClipLoss(), inputs, targets=captions)
+            chunked = loss_and_grads(
+                XCLRClipLoss(chunk_size=16), inputs, targets=captions
+            )
+        for got in (dense, chunked):
+            for key, value in want.items():
+                tol = 0.03 * float(value.abs().max())
+                torch.testing.assert_close(
+                    got[key].double(), value, rtol=0.0, atol=tol, msg=key
+                )
+
+    def test_identity_equals_clip_loss_under_autocast(self) -> None:
+        inputs, _ = self._inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss_and_grads(XCLRClipLoss(), inputs)
+            want = loss_and_grads(ClipLoss(), inputs)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, atol=0.0, rtol=0.0, msg=key)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,11 +39,17 @@ NEG_TEMP = "TestNTXentLoss::test_forward_pass_neg_temp"
 Outcomes = dict[str, tuple[str, str]]  # test id -> (outcome, message)
 
 
-def _run_module(text: str, folder: Path) -> Outcomes:
-    """Runs a test module in a fresh pytest process; per-test outcome and message."""
+REVISIONS = {
+    "kd": "lightly_test_ntx_ent_loss_26f99dce.py.txt",
+    "master": "lightly_test_ntx_ent_loss_master_e8d317fc.py.txt",
+}
+
+
+def _run_modules(texts: dict[str, str], folder: Path) -> dict[str, Outcomes]:
+    """Runs test modules in one fresh pytest process; per-module test outcomes."""
     folder.mkdir()
-    module = folder / "test_ntx_ent_loss.py"
-    module.write_text(text)
+    for rev, text in texts.items():
+        (folder / f"test_ntx_ent_loss_{rev}.py").write_text(text)
     report = folder / "report.xml"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -58,7 +65,7 @@ def _run_module(text: str, folder: Path) -> Outcomes:
             "--rootdir",
             str(folder),
             f"--junitxml={report}",
-            str(module),
+            str(folder),
         ],
         cwd=folder,
         env=env,
@@ -67,15 +74,16 @@ def _run_module(text: str, folder: Path) -> Outcomes:
         timeout=900,
     )
     assert report.exists(), proc.stdout + proc.stderr
-    outcomes: Outcomes = {}
+    outcomes: dict[str, Outcomes] = {rev: {} for rev in texts}
     for case in ET.parse(report).getroot().iter("testcase"):
-        test_id = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        module, _, cls = case.get("classname", "").rpartition(".")
+        rev = module.removeprefix("test_ntx_ent_loss_")
         outcome, message = "passed", ""
         for kind in ("failure", "error", "skipped"):
             node = case.find(kind)
             if node is not None:
                 outcome, message = kind, node.get("message", "")
-        outcomes[test_id] = (outcome, message)
+        outcomes[rev][f"{cls}::{case.get('name')}"] = (outcome, message)
     return outcomes
 
 
@@ -87,17 +95,14 @@ def _vendored(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcomes]:
-    """Both revisions, each with the host class and with ours (about a minute)."""
-    results = {}
-    for rev, name in (
-        ("kd", "lightly_test_ntx_ent_loss_26f99dce.py.txt"),
-        ("master", "lightly_test_ntx_ent_loss_master_e8d317fc.py.txt"),
-    ):
-        text = _vendored(name)
-        base = tmp_path_factory.mktemp(rev)
-        results[f"{rev}-host"] = _run_module(text, base / "host")
-        swapped = text.replace(HOST_IMPORT, OUR_IMPORT)
-        results[f"{rev}-ours"] = _run_module(swapped, base / "ours")
+    """Both revisions, with the host class and with ours: two pytest processes."""
+    texts = {rev: _vendored(name) for rev, name in REVISIONS.items()}
+    base = tmp_path_factory.mktemp("lightly")
+    host = _run_modules(texts, base / "host")
+    swapped = {rev: t.replace(HOST_IMPORT, OUR_IMPORT) for rev, t in texts.items()}
+    ours = _run_modules(swapped, base / "ours")
+    results = {f"{rev}-host": host[rev] for rev in texts}
+    results.update({f"{rev}-ours": ours[rev] for rev in texts})
     return results
 
 
@@ -112,9 +117,10 @@ def test_kd_revision_passes_except_negative_temperature(
     failed = {k: m for k, (o, m) in ours.items() if o not in ("passed", "skipped")}
     assert list(failed) == [NEG_TEMP], failed
     assert "temperature must be a finite number > 0, got -1.0" in failed[NEG_TEMP]
-    assert sum(o == "passed" for o, _ in ours.values()) == sum(
-        o == "passed" for o, _ in host.values()
-    ) - 1
+    assert (
+        sum(o == "passed" for o, _ in ours.values())
+        == sum(o == "passed" for o, _ in host.values()) - 1
+    )
 
 
 def test_master_revision_has_the_host_outcome_for_every_case(
@@ -173,7 +179,10 @@ def test_with_values(
 ) -> None:
     """test_with_values: both view orders (symmetry), no process group."""
     out0, out1 = _pair(n_samples, dimension, seed=n_samples * 100 + dimension)
-    kwargs = {"temperature": temperature, "gather_distributed": gather_distributed}
+    kwargs: dict[str, Any] = {
+        "temperature": temperature,
+        "gather_distributed": gather_distributed,
+    }
     for a, b in ((out0, out1), (out1, out0)):
         _assert_same(
             _value_and_grads(XCLRLoss(**kwargs), a, b),
@@ -263,6 +272,8 @@ def test_gather_distributed_availability_check(
         if available:
             cls(gather_distributed=True)
         else:
-            with pytest.raises(ValueError, match="torch.distributed is not available"):
+            with pytest.raises(
+                ValueError, match=r"torch\.distributed is not available"
+            ):
                 cls(gather_distributed=True)
         assert len(calls) == 1

@@ -266,7 +266,7 @@ def test_error_wrong_or_missing_columns(tmp_path: Path) -> None:
         read_csv_captions(shifted)
     short = tmp_path / "short.tsv"
     short.write_text("filepath\ttitle\na.png\n")
-    with pytest.raises(ValueError, match="line 2: image 'a.png' has no caption"):
+    with pytest.raises(ValueError, match=r"line 2: image 'a\.png' has no caption"):
         read_csv_captions(short)
     labels = tmp_path / "labels.tsv"
     labels.write_text("filepath\ttitle\tlabel\na.png\ta cat\tcat\n")
@@ -416,3 +416,30 @@ def test_dataloader_with_workers_and_loss(
     loss = XCLRLoss()(model(views[0]), model(views[1]), targets)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_unreadable_image_is_named(tmp_path: Path) -> None:
+    """PIL's errors for a corrupt or truncated PNG name no file (issue 12, #7/#12)."""
+    _write_image(tmp_path / "good.png", "red")
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    truncated = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
+    records = [
+        CaptionRecord("corrupt.png", "a"),
+        CaptionRecord("truncated.png", "b"),
+    ]
+    dataset = CaptionedImageDataset(
+        records, root=tmp_path, transform=lambda image: image.convert("L")
+    )
+    for index, name in enumerate(["corrupt.png", "truncated.png"]):
+        with pytest.raises(
+            OSError, match=rf"Cannot read image .*{name} \(item {index}\)"
+        ):
+            dataset[index]
+
+
+def test_collate_refuses_a_captions_object_without_lookup() -> None:
+    with pytest.raises(
+        TypeError, match="captions must be a CaptionCache or CaptionTable"
+    ):
+        XCLRCollate({"a.png": [1.0]})  # type: ignore[arg-type]

@@ -106,7 +106,9 @@ def test_outputs_are_complete_and_honour_the_umask(
 ) -> None:
     _, _, out = tiny_run
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([demo.RESULTS_JSON, demo.RESULTS_PNG, demo.RESULTS_TXT, "runs"])
+    assert names == sorted(
+        [demo.RESULTS_JSON, demo.RESULTS_PNG, demo.RESULTS_TXT, "runs"]
+    )
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert len(runs) == 10 and all(r.endswith(".json") for r in runs)
     for path in [*out.iterdir(), *(out / "runs").iterdir()]:

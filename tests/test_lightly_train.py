@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +147,26 @@ def _run_hydra_entry(
 
 @pytest.fixture
 def record_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
-    """Records what XCLRCollate returns and what XCLRLoss receives and returns."""
+    """Records what XCLRCollate returns and what XCLRLoss receives and returns.
+
+    Only training steps: the trial step xclr-train runs before training (under
+    ``torch.no_grad``) is left out.
+    """
     calls: dict[str, list[Any]] = {"collate": [], "loss": []}
     collate, forward = XCLRCollate.__call__, XCLRLoss.forward
 
     def recording_collate(self: XCLRCollate, batch: Any) -> Any:
         out = collate(self, batch)
-        calls["collate"].append((out[1], out[2]))
+        if torch.is_grad_enabled():
+            calls["collate"].append((out[1], out[2]))
         return out
 
     def recording_forward(
         self: XCLRLoss, out0: Any, out1: Any, targets: Any = None
     ) -> Any:
         loss = forward(self, out0, out1, targets)
-        calls["loss"].append((targets, loss.detach()))
+        if torch.is_grad_enabled():
+            calls["loss"].append((targets, loss.detach()))
         return loss
 
     monkeypatch.setattr(XCLRCollate, "__call__", recording_collate)
@@ -193,7 +199,7 @@ def test_config_is_lightlys_plus_our_keys() -> None:
         else:
             assert ours[section] == values, section
     assert ours["criterion"]["name"] == "ntxent"
-    assert set(ours) - set(theirs) == {"captions"}
+    assert set(ours) - set(theirs) == {"captions", "check_images"}
     # lightly-ssl-train overrides keep working; unknown keys are still rejected.
     cfg = load_config(
         ["loader.batch_size=128", "trainer.max_epochs=7", "criterion.name=xclr"]
@@ -215,13 +221,15 @@ def test_ntxent_reproduces_lightly_ssl_train(
         "trainer.max_epochs=2",
     ]
     # Both CLIs build lightly.loss.NTXentLoss (lightly's by import, ours through the
-    # registry): record every loss value it computes.
+    # registry): record every loss value of a training step (xclr-train's trial step
+    # before training runs under no_grad, with its own model).
     losses: list[float] = []
     forward = NTXentLoss.forward
 
     def recording_forward(self: NTXentLoss, out0: Any, out1: Any) -> Any:
         loss = forward(self, out0, out1)
-        losses.append(loss.item())
+        if torch.is_grad_enabled():
+            losses.append(loss.item())
         return loss
 
     monkeypatch.setattr(NTXentLoss, "forward", recording_forward)
@@ -365,12 +373,12 @@ def test_two_process_cpu_ddp_with_xclr(
 
 @pytest.fixture
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fails the test if a run gets as far as building the model."""
+    """Fails the test if a run gets past the checks (to seeding and training)."""
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the config error was not raised before training")
 
-    monkeypatch.setattr(lightly_train, "_build_model", fail)
+    monkeypatch.setattr(lightly_train, "_fit", fail)
 
 
 @pytest.mark.parametrize(
@@ -382,7 +390,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         (
             ["+criterion.margin=1"],
             TypeError,
-            "Loss 'ntxent' .* It accepts: temperature",
+            r"ntxent .* does not take criterion\.margin\. It accepts: criterion\.temp",
         ),
         (["criterion.name=xclr", "criterion.temperature=0"], ValueError, "temperature"),
         (["criterion.name=xclr"], ValueError, "needs a caption for every image"),
@@ -536,3 +544,258 @@ def test_class_folder_captions_and_python_configs(
         {"input_dir": str(class_folder), "criterion": {"name": "supcon"}}
     )
     assert kind == "labels" and collate.use_labels
+
+
+# -- the command: one line, status 2, before training ---------------------------------
+
+
+def _folder_with(tmp_path: Path, name: str, count: int) -> Path:
+    """A flat folder of ``count`` images with a covering captions.csv."""
+    folder = tmp_path / name
+    names = _write_images(folder, count, seed=4)
+    (folder / "captions.csv").write_text(
+        "filename,caption\n" + "".join(f"{n},a caption of {n}\n" for n in names)
+    )
+    return folder
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    """Folders a new user might point xclr-train at by mistake."""
+    good = _folder_with(tmp_path, "good", 4)
+    corrupt = _folder_with(tmp_path, "corrupt", 4)
+    (corrupt / "02.png").write_bytes(b"this is not a png" * 8)
+    truncated = _folder_with(tmp_path, "truncated", 4)
+    data = (truncated / "01.png").read_bytes()
+    (truncated / "01.png").write_bytes(data[: len(data) // 2])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "notes.txt").write_text("no images here")
+    partial = tmp_path / "partial"  # captions for 3 of 4 images
+    names = _write_images(partial, 4, seed=5)
+    (partial / "captions.csv").write_text(
+        "filename,caption\n" + "".join(f"{n},c\n" for n in names[:3])
+    )
+    one_class = tmp_path / "one_class"
+    _write_images(one_class / "cat", 4, seed=6)
+    return {
+        "good": good,
+        "corrupt": corrupt,
+        "truncated": truncated,
+        "empty": empty,
+        "texts": texts,
+        "partial": partial,
+        "one_class": one_class,
+        "one": _folder_with(tmp_path, "one", 1),
+        "missing": tmp_path / "missing",
+    }
+
+
+# (folder, overrides, words the one error line must hold)
+CLI_ERRORS: list[tuple[str | None, list[str], list[str]]] = [
+    (None, [], ["input_dir is not set"]),
+    ("missing", [], ["input_dir", "missing", "does not exist"]),
+    ("empty", [], ["input_dir", "holds no image files"]),
+    ("texts", [], ["input_dir", "holds no image files"]),
+    ("corrupt", [], ["02.png", "cannot be read", "UnidentifiedImageError"]),
+    ("truncated", [], ["01.png", "cannot be read"]),
+    ("good", ["criterion.name=xclr_clip"], ["Did you mean 'xclr-clip'?"]),
+    ("good", ["criterion.name=clip"], ["image-text loss"]),
+    ("texts", ["criterion.name=xclr"], ["holds no image files"]),
+    ("one_class", ["criterion.name=xclr"], ["needs a caption for every image"]),
+    ("partial", ["criterion.name=xclr"], ["'03.png'", "has no caption"]),
+    ("one_class", ["criterion.name=supcon"], ["1 class folder(s)", "at least 2"]),
+    ("good", ["criterion.temperature=abc"], ["criterion.temperature", "'abc'"]),
+    ("good", ["criterion.temperature=0"], ["criterion", "temperature"]),
+    ("good", ["+criterion.foo=1"], ["does not take criterion.foo."]),
+    ("good", ["trainer.max_epochs=abc"], ["trainer.max_epochs", "'abc'"]),
+    ("good", ["trainer.max_epochs=0"], ["trainer.max_epochs", "got 0"]),
+    ("good", ["trainer.max_epochs=-3"], ["trainer.max_epochs", "got -3"]),
+    ("good", ["loader.batch_size=1"], ["loader.batch_size=1", "at least 2"]),
+    ("good", ["loader.batch_size=2.5"], ["loader.batch_size", "2.5"]),
+    ("good", ["loader.num_workers=many"], ["loader.num_workers", "'many'"]),
+    ("one", [], ["holds 1 image", "at least 2"]),
+    ("good", ["optimizer.lr=-1"], ["optimizer.lr", "got -1"]),
+    ("good", ["+optimizer.momentum=-1"], ["optimizer:", "momentum"]),
+    ("good", ["model.name=resnet-7"], ["model.name", "resnet-7"]),
+    ("good", ["model.width=0"], ["model.width", "got 0"]),
+    ("good", ["collate.input_size=-4"], ["collate.input_size", "got -4"]),
+    ("good", ["collate.cj_prob=abc"], ["collate:", "trial step"]),
+    ("good", ["+collate.foo=1"], ["collate:", "foo"]),
+    ("good", ["seed=abc"], ["seed", "'abc'"]),
+    ("good", ["+trainer.foo=1"], ["trainer:", "foo"]),
+    ("good", ["trainer.accelerator=tpux"], ["trainer:", "tpux"]),
+    ("good", ["+checkpoint_callback.foo=1"], ["checkpoint_callback:", "foo"]),
+    ("good", ["criterion.memory_bank_size=16"], ["criterion.memory_bank_size"]),
+    ("good", ["captions.format=yaml", "criterion.name=xclr"], ["captions.format"]),
+]
+
+
+def test_cli_config_errors_are_one_line_and_status_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_training: None,
+) -> None:
+    """Every config error: one ``xclr-train: error:`` line, exit 2, nothing trained."""
+    folders = _bad_inputs(tmp_path)
+    failures = []
+    for i, (folder, overrides, words) in enumerate(CLI_ERRORS):
+        argv = [*FAST, *overrides]
+        if folder is not None:
+            argv.append(f"input_dir={folders[folder]}")
+        with pytest.raises(SystemExit) as exit_info:
+            _run_hydra_entry(
+                lightly_train.main, argv, tmp_path / f"run{i}", monkeypatch
+            )
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        ok = (
+            exit_info.value.code == 2
+            and len(lines) == 1
+            and lines[0].startswith("xclr-train: error: ")
+            and all(word in lines[0] for word in words)
+            and "Traceback" not in out + err
+        )
+        if not ok:
+            failures.append((folder, overrides, exit_info.value.code, err))
+    assert not failures, failures
+
+
+def test_unknown_loss_argument_names_only_the_rejected_ones(no_training: None) -> None:
+    with pytest.raises(TypeError) as info:
+        train(load_config(["input_dir=.", "+criterion.foo=1", "+criterion.bar=2"]))
+    rejected, accepted = str(info.value).split("It accepts:")
+    assert "criterion.foo" in rejected and "criterion.bar" in rejected
+    assert "temperature" not in rejected  # a key the loss takes is not "rejected"
+    assert "criterion.temperature" in accepted
+
+
+def test_check_images_false_skips_the_image_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder_with(tmp_path, "corrupt", 4)
+    (folder / "02.png").write_bytes(b"not a png")
+    plans: list[Any] = []
+    monkeypatch.setattr(lightly_train, "_fit", lambda plan, _: plans.append(plan))
+    with pytest.raises(ValueError, match=r"02\.png cannot be read"):
+        train(load_config([f"input_dir={folder}", *FAST]))
+    # Skipped, the same file only fails inside the epoch, as lightly-ssl-train does.
+    train(load_config([f"input_dir={folder}", *FAST, "check_images=false"]))
+    assert len(plans) == 1
+
+
+def test_batches_across_processes(flat_folder: Path) -> None:
+    """The batch checks count the images each DDP process gets."""
+    cfg = load_config([f"input_dir={flat_folder}", "loader.batch_size=1"])
+    check = lightly_train._check_batches
+    gather = {"gather_distributed": True}
+    check(cfg, gather, 16, 2)  # 1 per process, 2 gathered: legal
+    with pytest.raises(ValueError, match=r"loader\.batch_size=1"):
+        check(cfg, {}, 16, 2)  # not gathered: each process contrasts 1 image
+    check(cfg, {"memory_bank_size": [64, 16]}, 16, 1)  # the bank holds negatives
+    cfg = load_config([f"input_dir={flat_folder}", "loader.batch_size=12"])
+    with pytest.raises(ValueError, match=r"each of the 2 processes gets \(16 images"):
+        check(cfg, gather, 16, 2)  # 8 per process: drop_last leaves no batch
+    check(cfg, gather, 16, 1)
+
+
+def test_no_checkpoint_is_said_not_an_empty_path(
+    flat_folder: Path, in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = train(
+        load_config(
+            [
+                f"input_dir={flat_folder}",
+                "loader.batch_size=8",
+                *FAST,
+                "checkpoint_callback.save_last=false",
+                "checkpoint_callback.save_top_k=0",
+            ]
+        )
+    )
+    out = capsys.readouterr().out
+    assert result.checkpoint == ""
+    assert "No checkpoint was written" in out
+    assert "Best model is stored at" not in out
+
+
+def test_non_finite_loss_stops_before_the_update(
+    flat_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A NaN loss at the second step: one error line, exit 1, weights still finite."""
+    calls = []
+    forward = NTXentLoss.forward
+
+    def nan_on_second_call(self: NTXentLoss, out0: Any, out1: Any) -> Any:
+        loss = forward(self, out0, out1)
+        if not torch.is_grad_enabled():  # the trial step before training
+            return loss
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    models: list[torch.nn.Module] = []
+    build = lightly_train._build_model
+
+    def recording_build(cfg: Any) -> torch.nn.Module:
+        models.append(build(cfg))
+        return models[-1]
+
+    monkeypatch.setattr(NTXentLoss, "forward", nan_on_second_call)
+    monkeypatch.setattr(lightly_train, "_build_model", recording_build)
+    argv = [f"input_dir={flat_folder}", "loader.batch_size=4", *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        _run_hydra_entry(lightly_train.main, argv, tmp_path / "run", monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    lines = [line for line in err.splitlines() if line.startswith("xclr-train: error")]
+    assert len(lines) == 1, err[-3000:]
+    assert "the ntxent loss is nan at epoch 0, step 1" in lines[0]
+    assert "Traceback" not in err
+    # Step 1 (NaN) was the last; the weights are those after step 0: finite (no NaN
+    # gradient was applied).
+    assert len(calls) == 2
+    trained = models[-1]
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+def test_non_finite_caption_cache_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_training: None
+) -> None:
+    """A cache row of NaN (a corrupt or hand-edited cache) is named before training."""
+    from xclr_plugin.cache import build_caption_cache
+    from xclr_plugin.captions import read_folder_captions
+
+    class FakeEncoder:
+        """Stands in for the sentence encoder."""
+
+        name, dim = "fake", 4
+
+        def encode(self, texts: Sequence[str]) -> torch.Tensor:
+            return torch.randn(len(texts), 4)
+
+    folder = _folder_with(tmp_path, "images", 4)
+    cache_dir = tmp_path / "cache"
+    cache = build_caption_cache(
+        read_folder_captions(folder), cache_dir, FakeEncoder(), progress=False
+    )
+    array = np.load(cache.data_path, mmap_mode="r+")
+    array[2] = np.nan
+    array.flush()
+    del array
+    with pytest.raises(ValueError, match="finite"):
+        train(
+            load_config(
+                [
+                    f"input_dir={folder}",
+                    *FAST,
+                    "criterion.name=xclr",
+                    f"captions.cache_dir={cache_dir}",
+                    "captions.encoder=fake",
+                ]
+            )
+        )

@@ -512,7 +512,8 @@ class TestBadInput:
     def test_temperature_whose_inverse_overflows(self, name: str, value: float) -> None:
         # 1/1e-320 is inf: the loss would be NaN. Refused at construction.
         with pytest.raises(
-            ValueError, match=rf"{name} must be a finite number > 0 whose inverse is finite"
+            ValueError,
+            match=rf"{name} must be a finite number > 0 whose inverse is finite",
         ):
             XCLRLoss(**{name: value})
 
@@ -665,3 +666,70 @@ class TestFunctionalAndScalarInputs:
             match=r"memory_bank_size=\(8, 4\) does not match the embedding dimension of out0/out1, 3",
         ):
             XCLRLoss(memory_bank_size=(8, 4))(torch.randn(4, 3), torch.randn(4, 3))
+
+
+class TestLabelsKeyword:
+    """Issue 12: lightly's supervised-loss users write ``labels=``."""
+
+    def test_labels_keyword_is_targets(self) -> None:
+        out0, out1 = _views(6, 4)
+        labels = torch.tensor([0, 1, 0, 2, 1, 0])
+        loss_fn = XCLRLoss(0.2, 0.05)
+        torch.testing.assert_close(
+            loss_fn(out0, out1, labels=labels), loss_fn(out0, out1, labels)
+        )
+
+
+class TestNaNInNaNOut:
+    """Issue 12: a non-finite description gives a NaN loss, never a finite one."""
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf])
+    @pytest.mark.parametrize("bank", [False, True])
+    def test_non_finite_caption(self, bad: float, bank: bool) -> None:
+        out0, out1 = _views(4, 3)
+        captions = torch.randn(4, 5, dtype=torch.float64)
+        captions[1, 2] = bad
+        loss_fn = XCLRLoss(memory_bank_size=(8, 3) if bank else 0).double()
+        assert torch.isnan(loss_fn(out0, out1, captions))
+
+
+def test_loss_module_import_layout_is_lightlys() -> None:
+    """loss.py keeps lightly's import blocks (lightly first-party) and formatting.
+
+    Our own ruff config ignores I001 for this file (pyproject.toml); this checks the
+    layout lightly's ruff settings ask for, and that ruff format with lightly's
+    ``docstring-code-format`` leaves the file unchanged.
+    """
+    import shutil
+    import subprocess
+
+    import xclr_plugin.loss
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed")
+    source = Path(xclr_plugin.loss.__file__).read_text()
+    settings = [
+        "--isolated",
+        "--line-length=88",
+        "--config",
+        "lint.isort.known-first-party=['lightly']",
+        "--config",
+        "format.docstring-code-format=true",
+        "--stdin-filename",
+        "lightly/loss/xclr_loss.py",
+    ]
+    check = subprocess.run(
+        [ruff, "check", "--select", "I", *settings, "-"],
+        input=source,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    fmt = subprocess.run(
+        [ruff, "format", "--check", *settings, "-"],
+        input=source,
+        capture_output=True,
+        text=True,
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr

@@ -102,6 +102,11 @@ def test_default_path_by_path_gets_stable_name() -> None:
 def test_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         TextEncoder(batch_size=0)
+    for bad in (2.5, "8", True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            TextEncoder(batch_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model must be a sentence-transformers name"):
+        TextEncoder(384)  # type: ignore[arg-type]
 
 
 def test_missing_sentence_transformers_gives_install_hint(

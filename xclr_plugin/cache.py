@@ -957,7 +957,7 @@ def build_caption_cache(
     out_dir: str | os.PathLike[str],
     encoder: SupportsEncode,
     *,
-    dtype: str = "float16",
+    dtype: str | np.dtype[Any] | type[np.floating[Any]] = "float16",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
     progress: bool = True,
@@ -1429,13 +1429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err)
 
     # The build's notes (waiting for another builder, resuming, repairing) reach the
-    # user as "xclr-embed-captions: ..." lines unless logging is configured already.
-    handler: logging.Handler | None = None
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{_PROG}: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    # user as "xclr-embed-captions: ..." lines on stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{_PROG}: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         records = read_captions(args.source, fmt, **reader_kwargs)
         from xclr_plugin.text import TextEncoder
@@ -1462,8 +1462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError covers FileNotFoundError, TimeoutError and a full or read-only disk.
         return _fail(err)
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
     elapsed = time.perf_counter() - start
     print(
         f"Caption cache ready: {cache.count} embeddings ({cache.dim}-d {cache.dtype}, encoder "

@@ -267,7 +267,8 @@ def _read_csv_frame(path: str | os.PathLike[str], sep: str) -> Any:
             f"{where}: malformed CSV, refused as open_clip's reader (pandas) refuses "
             f"it: {err}"
         ) from err
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, re.error) as err:
+        # re.error: a separator longer than one character is a regular expression.
         raise ValueError(f"Cannot read captions file {where}: {err}") from err
     if not isinstance(frame.index, pd.RangeIndex):
         # pandas turns the first column into the index when the first data row has
@@ -301,7 +302,8 @@ def _swallowed_rows(text: str, sep: str) -> bool:
     lines = text.splitlines()[1:]
     if len(sep) == 1:
         return any(sep in line for line in lines)
-    return any(re.search(sep, line) for line in lines)
+    pattern = re.compile(sep)  # compiled by pandas already: valid
+    return any(pattern.search(line) for line in lines)
 
 
 def read_csv_captions(

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from lightly.data import MultiViewCollate
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
@@ -135,6 +136,7 @@ class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
 
         Raises:
             FileNotFoundError: If the image file has gone missing.
+            OSError: If it cannot be decoded (naming the file).
         """
         record = self.records[index]
         path = self.path_of(record)
@@ -142,6 +144,12 @@ class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
             image = self.loader(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"Image not found: {path} (item {index}).") from err
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            # PIL's errors (UnidentifiedImageError, "Truncated File Read", ...) do
+            # not always name the file.
+            raise OSError(
+                f"Cannot read image {path} (item {index}): {type(err).__name__}: {err}"
+            ) from err
         if self.transform is not None:
             image = self.transform(image)
         label = NO_LABEL if record.label is None else record.label
@@ -193,6 +201,11 @@ class XCLRCollate:
         """
         if captions is not None and use_labels:
             raise ValueError("Pass either captions or use_labels=True, not both.")
+        if captions is not None and not callable(getattr(captions, "lookup", None)):
+            raise TypeError(
+                "captions must be a CaptionCache or CaptionTable (anything with "
+                f".lookup(filenames)), got {type(captions).__name__}."
+            )
         self.captions = captions
         self.use_labels = use_labels
         self._views = MultiViewCollate()

@@ -9,6 +9,7 @@ function has one public home. The helpers below serve the image-text loss.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -65,7 +66,9 @@ def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
         A scalar.
     """
     log_probs = torch.log_softmax(logits, dim=1)
-    weighted = torch.where(target_probs > 0, target_probs * log_probs, 0.0)
+    # == 0, not > 0: a NaN target (NaN or inf in a caption embedding) must give a NaN
+    # loss, never a finite loss with NaN gradients.
+    weighted = torch.where(target_probs == 0, 0.0, target_probs * log_probs)
     return -weighted.sum(dim=1).mean()
 
 
@@ -82,6 +85,7 @@ def xclr_clip_loss_chunked(
     target_temperature: float,
     rank_offset: int,
     chunk_size: int,
+    mm_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Image-text X-CLR (``XCLR_SPEC.md`` section 2), ``chunk_size`` rows at a time.
 
@@ -94,6 +98,10 @@ def xclr_clip_loss_chunked(
 
     Memory: one ``chunk_size x m`` block at a time; the gradients are accumulated in
     the forward (see :class:`_XCLRClipChunked`).
+
+    ``mm_dtype`` (e.g. the autocast dtype, bfloat16): run the matrix products in this
+    precision, as ``ClipLoss`` does under autocast; softmax, logits and accumulation
+    stay in the dtype of ``image_rows``. None: every product in that dtype.
     """
     target_temperature = validate_temperature("target_temperature", target_temperature)
     chunk = validate_chunk_size(chunk_size)
@@ -115,6 +123,7 @@ def xclr_clip_loss_chunked(
         1.0 / target_temperature,
         rank_offset,
         chunk,
+        mm_dtype,
     )
     return loss
 
@@ -122,8 +131,7 @@ def xclr_clip_loss_chunked(
 class _XCLRClipChunked(torch.autograd.Function):
     """Soft-target CLIP loss and its gradients, block by block.
 
-    Per row ``i``: ``CE_i = LSE_i - sum_j G_ij l_ij`` and, since ``sum_j G_ij = 1``,
-    ``sum_j G_ij l_ij = s <row_i, (G cols)_i> + b``. Its gradient is
+    Per row ``i``: ``CE_i = LSE_i - sum_j G_ij l_ij``. Its gradient is
     ``s (P - G) cols`` for the row, ``s (P - G)^T rows`` for the columns,
     ``sum_i <row_i, ((P - G) cols)_i>`` for the scale and exactly 0 for the bias (a
     softmax does not see a constant shift). All are accumulated as the blocks are
@@ -144,8 +152,23 @@ class _XCLRClipChunked(torch.autograd.Function):
         inv_tau_s: float,
         offset: int,
         chunk: int,
+        mm_dtype: torch.dtype | None,
     ) -> Tensor:
         n, m = image_rows.shape[0], image_cols.shape[0]
+        dtype = image_rows.dtype
+        low = mm_dtype if mm_dtype is not None and mm_dtype != dtype else None
+
+        def mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+            # The products follow autocast (``low``); the result lands in ``out``.
+            if low is None:
+                return torch.mm(a, b, out=out)
+            return out.copy_(torch.mm(a.to(low), b.to(low)))
+
+        def add_mm(acc: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+            if low is None:
+                return acc.addmm_(a, b, alpha=alpha)
+            return acc.add_(torch.mm(a.to(low), b.to(low)), alpha=alpha)
+
         chunk = min(chunk, n)
         # A one-element scale of any shape (open_clip uses 0-d) acts as a scalar.
         scale = logit_scale.detach().to(image_rows.dtype).reshape(())
@@ -162,19 +185,25 @@ class _XCLRClipChunked(torch.autograd.Function):
         ):
             grad_rows = torch.empty_like(rows)
             grad_cols = torch.zeros_like(cols)
+            # Cast once per direction, not once per block.
+            cols_mm = cols if low is None else cols.to(low)
+            rows_mm = rows if low is None else rows.to(low)
+
+            def block_mm(a: int, b: int, rows_mm: Tensor = rows_mm) -> Tensor:
+                return rows_mm[a:b]
+
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
                 block = rows[start:stop]
-                logits = torch.mm(block, cols.T, out=logits_buf[: stop - start])
+                logits = mm(block, cols_mm.T, out=logits_buf[: stop - start])
                 logits.mul_(scale).add_(bias)
                 row_max = logits.amax(dim=1)
-                probs = _softmax_(logits)
-                total += (row_max - torch.log(probs.amax(dim=1))).sum()
+                # sum_j G_ij l_ij per row, read before the softmax overwrites the
+                # logits: each row's loss is formed before rows are summed.
                 if row_desc is None:
-                    own = torch.arange(
-                        start + offset, stop + offset, device=rows.device
-                    )
-                    weighted_cols = cols[own]
+                    local = torch.arange(stop - start, device=rows.device)
+                    own = local + (start + offset)
+                    target_logit = logits[local, own]
                 else:
                     assert col_desc is not None and weights_buf is not None
                     weights = _chunk_target(
@@ -182,19 +211,21 @@ class _XCLRClipChunked(torch.autograd.Function):
                         col_desc,
                         inv_tau_s,
                         weights_buf[: stop - start],
+                        mm,
                     )
-                    weighted_cols = weights @ cols
-                total -= scale * (block * weighted_cols).sum() + bias * (stop - start)
-                # (P - G) cols, then the row, column and scale gradients from it.
-                residual = torch.mm(probs, cols, out=grad_rows[start:stop]).sub_(
-                    weighted_cols
-                )
-                grad_scale += (block * residual).sum()
-                grad_cols.addmm_(probs.T, block)
+                    target_logit = (weights * logits).sum(dim=1)
+                probs = _softmax_(logits)
+                total += (row_max - torch.log(probs.amax(dim=1)) - target_logit).sum()
+                # P - G, formed in full precision before the products: with bf16
+                # products, P cols - G cols would lose the small difference.
                 if row_desc is None:
-                    grad_cols[own] -= block
+                    probs[local, own] -= 1.0
                 else:
-                    grad_cols.addmm_(weights.T, block, alpha=-1.0)
+                    probs.sub_(weights)
+                # (P - G) cols, then the row, column and scale gradients from it.
+                residual = mm(probs, cols_mm, out=grad_rows[start:stop])
+                grad_scale += (block * residual).sum()
+                add_mm(grad_cols, probs.T, block_mm(start, stop))
             grads[rows_key] = grad_rows.mul_(scale)
             grads[cols_key] = grad_cols.mul_(scale)
         norm = 1.0 / (2 * n)
@@ -217,15 +248,19 @@ class _XCLRClipChunked(torch.autograd.Function):
         ]
         grad_scale: Tensor = ctx.grad_scale * grad_loss  # type: ignore[attr-defined]
         grad_bias: Tensor | None = ctx.bias_like  # type: ignore[attr-defined]
-        return (*out, grad_scale, grad_bias, None, None, None, None, None)
+        return (*out, grad_scale, grad_bias, None, None, None, None, None, None)
 
 
 def _chunk_target(
-    row_desc: Tensor, col_desc: Tensor, inv_tau_s: float, out: Tensor
+    row_desc: Tensor,
+    col_desc: Tensor,
+    inv_tau_s: float,
+    out: Tensor,
+    mm: Callable[..., Tensor] = torch.mm,
 ) -> Tensor:
     """``softmax_j(S_ij / tau_s)`` for a block of rows, written into ``out``."""
     if row_desc.is_floating_point():
-        sim = torch.mm(row_desc, col_desc.T, out=out)
+        sim = mm(row_desc, col_desc.T, out=out)
     else:
         sim = out.copy_(row_desc[:, None] == col_desc[None, :])
     return _softmax_(sim.mul_(inv_tau_s))

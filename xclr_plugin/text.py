@@ -154,9 +154,18 @@ class TextEncoder:
             ValueError: If ``batch_size`` is not positive, or the model reports no
                 embedding dimension.
         """
-        if batch_size <= 0:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size <= 0
+        ):
             raise ValueError(
-                f"batch_size must be a positive integer, got {batch_size}."
+                f"batch_size must be a positive integer, got {batch_size!r}."
+            )
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(
+                "model must be a sentence-transformers name, a local folder or None, "
+                f"got {type(model).__name__}."
             )
         st = _import_optional("sentence_transformers")
         if model is None:

@@ -9,6 +9,7 @@ comparison needs.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -46,9 +47,15 @@ class BatchSimCLRAugment:
     width-16 encoder (0.12 s); this takes a few milliseconds.
     """
 
-    def __init__(self, min_scale: float = 0.25, jitter: float = 0.4) -> None:
-        """Sets the crop's smallest area and the jitter strength."""
+    def __init__(
+        self, min_scale: float = 0.25, jitter: float = 0.4, aspect: float = 4 / 3
+    ) -> None:
+        """Sets the crop's smallest area and largest aspect ratio, the jitter strength.
+
+        A crop wider or taller than the image is clipped to it (torchvision retries).
+        """
         self.min_scale, self.jitter = min_scale, jitter
+        self.log_aspect = math.log(aspect)
 
     def __call__(self, pixels: Tensor) -> Tensor:
         """One augmented view of each ``(B, 3, S, S)`` image in ``[0, 1]``."""
@@ -57,7 +64,10 @@ class BatchSimCLRAugment:
         def uniform(low: float, high: float) -> Tensor:
             return torch.empty(b, device=device).uniform_(low, high)
 
-        area, ratio = uniform(self.min_scale, 1.0), uniform(-0.2877, 0.2877).exp()
+        area, ratio = (
+            uniform(self.min_scale, 1.0),
+            uniform(-self.log_aspect, self.log_aspect).exp(),
+        )
         w = (area * ratio).sqrt().clamp(max=1.0)
         h = (area / ratio).sqrt().clamp(max=1.0)
         flip = torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0)
@@ -153,8 +163,9 @@ def train_method(
     objective = build_objective(spec, config, data.caption_embeddings.shape[1], vocab)
     objective = objective.to(device)
     augment = BatchSimCLRAugment()
-    loader = DataLoader(
-        data.train_idx,
+    # A tensor is a map-style dataset: the loader shuffles row indices, seeded.
+    loader: DataLoader[Tensor] = DataLoader(
+        data.train_idx,  # type: ignore[arg-type]
         batch_size=min(config.batch_size, len(data.train_idx)),
         shuffle=True,
         drop_last=True,

@@ -733,6 +733,21 @@ def _many_processes(trainer: Mapping[str, Any]) -> bool:
     ) > 1
 
 
+def _world_size(trainer: Mapping[str, Any]) -> int | None:
+    """The number of processes the trainer settings ask for; None if Lightning decides."""
+    devices = trainer.get("devices")
+    if isinstance(devices, (list, tuple)):
+        count: int | None = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        count = devices
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:
+        count = None  # "auto", -1, "0", ...: Lightning decides
+    nodes = trainer.get("num_nodes") or 1
+    return count * nodes if count is not None and _is_int(nodes) else None
+
+
 def _single_process(trainer: Mapping[str, Any]) -> bool:
     """Whether the trainer settings certainly run one process."""
     devices = trainer.get("devices")
@@ -820,7 +835,7 @@ def _verify_images(input_dir: str, filenames: Sequence[str]) -> None:
 
 
 def _check_batches(
-    cfg: DictConfig, criterion: Mapping[str, Any], count: int, world_size: int
+    cfg: DictConfig, criterion: Mapping[str, Any], count: int, world_size: int | None
 ) -> None:
     """Refuses batches that cannot be contrasted or that never fill.
 
@@ -832,6 +847,10 @@ def _check_batches(
     Raises:
         ValueError: Naming ``loader.batch_size`` (or the image count) and the reason.
     """
+    if world_size is None:  # unknown yet: checked again once the trainer is built
+        if criterion.get("gather_distributed"):
+            return
+        world_size = 1
     requested = int(cfg["loader"]["batch_size"])
     batch = min(requested, count)  # as lightly-ssl-train clamps it
     gathered = bool(criterion.get("gather_distributed")) and world_size > 1
@@ -876,7 +895,7 @@ def _dry_run(
     """
     stage = "collate"
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             transform = SimCLRTransform(**cfg["collate"])
             items = []
             for index in range(min(2, len(dataset))):
@@ -886,14 +905,13 @@ def _dry_run(
             stage = "model"
             model = _build_model(cfg)
             model.train()
-            with torch.no_grad():
-                out0, out1 = model(views[0], views[1])
-                if len(items) < 2:
-                    return
-                stage = "criterion"
-                dry = dict(criterion_cfg, gather_distributed=None)
-                loss = build_criterion(dry)
-                loss(out0, out1) if kind == "none" else loss(out0, out1, targets)
+            out0, out1 = model(views[0], views[1])
+            if len(items) < 2:
+                return
+            stage = "criterion"
+            dry = dict(criterion_cfg, gather_distributed=None)
+            loss = build_criterion(dry)
+            loss(out0, out1) if kind == "none" else loss(out0, out1, targets)
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as err:
         raise ValueError(
             f"{stage}: a trial step on two images failed: {type(err).__name__}: {err}"
@@ -945,6 +963,16 @@ def _prepare(cfg: DictConfig | Mapping[str, Any], is_cli_call: bool) -> _Plan:
         )
         criterion_cfg["gather_distributed"] = None
 
+    # Cheap checks first, so that their errors come before Lightning's start-up lines.
+    _check_batches(cfg, criterion_cfg, len(dataset), _world_size(trainer_kwargs))
+    try:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], **cfg["optimizer"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"optimizer: {err} (optimizer.* is passed to torch.optim.SGD)"
+        ) from None
+    _dry_run(cfg, criterion_cfg, dataset, collate_fn, kind)
+
     # lightly's SelfSupervisedEmbedding.train_embedding, with the trainer built now
     # (so that bad trainer.* settings are reported before training) and one more
     # callback.
@@ -967,15 +995,8 @@ def _prepare(cfg: DictConfig | Mapping[str, Any], is_cli_call: bool) -> _Plan:
         Exception
     ) as err:  # Lightning: TypeError, ValueError, MisconfigurationException
         raise ValueError(f"trainer: {type(err).__name__}: {err}") from None
-
+    # Now with the process count Lightning settled on (devices=auto, -1, ...).
     _check_batches(cfg, criterion_cfg, len(dataset), trainer.world_size)
-    try:
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], **cfg["optimizer"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"optimizer: {err} (optimizer.* is passed to torch.optim.SGD)"
-        ) from None
-    _dry_run(cfg, criterion_cfg, dataset, collate_fn, kind)
     return _Plan(
         cfg, criterion_cfg, input_dir, dataset, collate_fn, kind, trainer, checkpoint_cb
     )

@@ -27,6 +27,10 @@ and restores them afterwards:
                                                       sample-index hooks on the model
 ``open_clip_train.data.CsvDataset``                   captions mode only: appends each
                                                       sample's row index to its tokens
+``open_clip_train.data.get_wds_dataset``              captions mode only: the training
+                                                      pipeline's last ``to_tuple`` also
+                                                      appends the cache row of the
+                                                      sample's ``__key__`` (:class:`KeyToRow`)
 ====================================================  ===================================
 
 How captions reach the loss per sample (``--xclr-target-mode captions``): the CSV
@@ -37,7 +41,12 @@ the loss, and with ``--accum-freq N > 1`` it caches and concatenates that key li
 features, so the indices always line up with the features. The loss wrapper
 :class:`SampleCaptionTargets` looks up the caption embeddings of those rows, from a
 caption cache built for the training CSV (``xclr-embed-captions``; checked against the
-CSV before training) or embedded at start-up with a frozen sentence encoder.
+CSV before training) or embedded at start-up with a frozen sentence encoder. Webdataset
+shards take the same route with the row of each sample's ``__key__`` in a cache built
+from the shards (``xclr-embed-captions --format webdataset``); the training shards'
+keys are checked against the cache before training (:mod:`xclr_plugin.shards` reads
+only the tar headers and captions). Every cache row must be finite, and a non-finite
+loss stops training before its update (:class:`FiniteLossCheck`).
 With ``--xclr-target-mode clip-text`` the targets come from the batch's text features
 and nothing is patched but the loss.
 """
@@ -60,6 +69,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "SAMPLE_INDEX_KEY",
+    "FiniteLossCheck",
+    "KeyToRow",
+    "NonFiniteLossError",
     "OpenClipTrainError",
     "PluginOptions",
     "SampleCaptionTargets",
@@ -74,7 +86,8 @@ __all__ = [
 ]
 
 PROG = "xclr-openclip-train"
-#: Output-dict key (and loss keyword) carrying each sample's row in the training CSV.
+#: Output-dict key (and loss keyword) carrying each sample's caption-embedding row
+#: (its training CSV row, or the cache row of its webdataset ``__key__``).
 SAMPLE_INDEX_KEY = "xclr_sample_index"
 SUPPORTED_OPEN_CLIP_MAJOR = 3
 TARGET_MODES = ("captions", "clip-text")
@@ -149,7 +162,8 @@ def plugin_parser() -> argparse.ArgumentParser:
         choices=TARGET_MODES,
         default=None,
         help="captions: frozen sentence-encoder embeddings of each sample's caption "
-        "(needs a CSV/TSV --train-data); clip-text: the batch's detached text features "
+        "(needs a CSV/TSV or webdataset --train-data); clip-text: the batch's "
+        "detached text features "
         "(default: captions)",
     )
     group.add_argument(
@@ -175,8 +189,9 @@ def plugin_parser() -> argparse.ArgumentParser:
         "--xclr-caption-cache",
         default=None,
         metavar="DIR",
-        help="caption-embedding cache of the training CSV, built with "
-        "'xclr-embed-captions TRAIN.csv -o DIR' (default: embed the captions at start-up)",
+        help="caption-embedding cache of the training data, built with "
+        "'xclr-embed-captions TRAIN.csv -o DIR' or 'xclr-embed-captions --format "
+        "webdataset SHARDS -o DIR' (default: embed the captions at start-up)",
     )
     return parser
 
@@ -242,7 +257,7 @@ class _Setup:
     options: PluginOptions
     targets: str  # "captions", "labels" or "none", from the registry
     target_mode: str | None  # for losses with caption targets
-    caption_embeddings: Any = None  # Tensor or CaptionCache, rows = training CSV rows
+    caption_embeddings: Any = None  # Tensor, CaptionCache or CaptionTable
 
 
 def _prepare(options: PluginOptions, args: argparse.Namespace) -> _Setup:
@@ -277,6 +292,7 @@ def _prepare(options: PluginOptions, args: argparse.Namespace) -> _Setup:
             f"--loss does not support CoCa models (--model {args.model}), whose "
             "captioning loss open_clip builds itself; drop --loss."
         )
+    _check_open_clip_args(args)
     if spec.targets != "captions":
         given = options.xclr_flags_given()
         if given:
@@ -494,9 +510,7 @@ def _open_cache(
     path = options.xclr_caption_cache
     assert path is not None
     try:
-        return CaptionCache.open(
-            path, encoder=encoder, records=records, check_finite=True
-        )
+        cache = CaptionCache.open(path, encoder=encoder, records=records)
     except FileNotFoundError as err:
         raise OpenClipTrainError(
             f"--xclr-caption-cache: {err} Build it for the training data first: "
@@ -507,6 +521,12 @@ def _open_cache(
             f"--xclr-caption-cache does not belong to --train-data {args.train_data!r}: "
             f"{err} Rebuild it: {_embed_command(args, path)} --overwrite"
         ) from None
+    try:
+        # One NaN row makes every loss and gradient of its batches NaN.
+        cache.check_finite()
+    except ValueError as err:
+        raise OpenClipTrainError(f"--xclr-caption-cache: {err}") from None
+    return cache
 
 
 def _webdataset_caption_embeddings(
@@ -833,7 +853,8 @@ class SampleCaptionTargets(nn.Module):
 
     Args:
         loss: The loss, e.g. :class:`xclr_plugin.clip_loss.XCLRClipLoss`.
-        caption_embeddings: Row ``i`` is the embedding of row ``i`` of the training CSV:
+        caption_embeddings: Row ``i`` is the embedding of row ``i`` of the training CSV
+            (or of the cache of the training shards, looked up by ``__key__``):
             an ``(N, Dt)`` tensor or a :class:`xclr_plugin.cache.CaptionCache`.
     """
 

@@ -1,0 +1,461 @@
+"""Caption cache against damaged files, hostile inputs, wrong types and bad flags.
+
+Issue 12: a flipped header byte (wrong #3), a deleted keys.json (wrong #4), file
+permissions (rough), and ``xclr-embed-captions`` flag errors (rough). Builds use a
+deterministic hash encoder (no model), so every row has a known value to compare with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from xclr_plugin.cache import (
+    DATA_FILE,
+    KEYS_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    CaptionCache,
+    CaptionTable,
+    _build_lock,
+    build_caption_cache,
+    main,
+)
+from xclr_plugin.captions import CaptionRecord
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cache_builder import HashEncoder
+
+RECORDS = [CaptionRecord(f"img_{i:02d}.png", f"caption number {i}") for i in range(12)]
+FP16_ATOL = 2e-3
+
+
+class CountingEncoder(HashEncoder):
+    """The hash encoder, counting the captions it embeds."""
+
+
+@pytest.fixture()
+def built(tmp_path: Path) -> CaptionCache:
+    return build_caption_cache(
+        RECORDS, tmp_path / "cache", HashEncoder(), chunk_size=5, progress=False
+    )
+
+
+def _expected() -> torch.Tensor:
+    return HashEncoder().encode([r.caption for r in RECORDS])
+
+
+def _header_length(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:6] == b"\x93NUMPY"
+    return 10 + int.from_bytes(data[8:10], "little")
+
+
+# -- damaged files (wrong #3, #4) ----------------------------------------------------
+
+
+def test_every_flipped_header_byte_is_refused_naming_the_file(
+    built: CaptionCache,
+) -> None:
+    """Wrong #3: one flipped byte gave tokenize.TokenError, naming no file."""
+    data_path = built.path / DATA_FILE
+    original = data_path.read_bytes()
+    header = _header_length(data_path)
+    outcomes: dict[str, int] = {}
+    for position in range(header):
+        damaged = bytearray(original)
+        damaged[position] ^= 0xFF
+        data_path.write_bytes(bytes(damaged))
+        try:
+            CaptionCache.open(built.path)
+        except ValueError as err:
+            assert str(data_path) in str(err), (position, err)
+            outcomes["refused"] = outcomes.get("refused", 0) + 1
+        else:
+            # Only a flip numpy cannot see may pass: the array must still be intact.
+            outcomes["opened"] = outcomes.get("opened", 0) + 1
+    data_path.write_bytes(original)
+    assert outcomes.get("refused", 0) >= header - 2, outcomes
+
+
+@pytest.mark.parametrize("position", ["quote", "paren"])
+def test_builder_rebuilds_a_cache_with_a_damaged_header(
+    built: CaptionCache, position: str
+) -> None:
+    data_path = built.path / DATA_FILE
+    damaged = bytearray(data_path.read_bytes())
+    header = bytes(damaged[: _header_length(data_path)])
+    # These flips raised tokenize.TokenError / SyntaxError from numpy on 93d1533.
+    index = header.index(b"'") if position == "quote" else header.index(b"(")
+    damaged[index] ^= 0xFF
+    data_path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
+        CaptionCache.open(built.path)
+    assert str(data_path) in str(info.value)
+    encoder = CountingEncoder()
+    repaired = build_caption_cache(
+        RECORDS, built.path, encoder, chunk_size=5, progress=False
+    )
+    assert encoder.embedded == len(RECORDS)
+    assert repaired.manifest["data_sha256"] == built.manifest["data_sha256"]
+    torch.testing.assert_close(repaired[:], _expected(), atol=FP16_ATOL, rtol=0)
+
+
+def test_missing_or_damaged_keys_file_is_refused_at_open(built: CaptionCache) -> None:
+    """Wrong #4: a deleted keys.json was accepted; training failed inside epoch 0."""
+    keys_path = built.path / KEYS_FILE
+    keys = keys_path.read_text()
+    keys_path.unlink()
+    with pytest.raises(FileNotFoundError, match="keys file is missing") as info:
+        CaptionCache.open(built.path)
+    assert str(keys_path) in str(info.value)
+    keys_path.write_text(json.dumps(json.loads(keys)[:-1]))
+    with pytest.raises(ValueError, match=r"keys file .* does not match the manifest"):
+        CaptionCache.open(built.path)
+    keys_path.write_bytes(b"\xff\xfe[")
+    with pytest.raises(ValueError, match="Corrupt caption cache keys file"):
+        CaptionCache.open(built.path)
+    keys_path.unlink()
+    encoder = CountingEncoder()
+    repaired = build_caption_cache(RECORDS, built.path, encoder, progress=False)
+    assert repaired.filenames == [r.filename for r in RECORDS]
+
+
+def test_hostile_data_files(built: CaptionCache, tmp_path: Path) -> None:
+    data_path = built.path / DATA_FILE
+    original = data_path.read_bytes()
+    # A header announcing a huge array over a small file.
+    huge = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float16))
+    huge["shape"] = (10**12, 16)
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, huge)
+    data_path.write_bytes(buffer.getvalue() + original[_header_length(data_path) :])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        CaptionCache.open(built.path)
+    # A header longer than numpy accepts.
+    data_path.write_bytes(b"\x93NUMPY\x02\x00" + (200_000).to_bytes(4, "little"))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        CaptionCache.open(built.path)
+    # Right shape, wrong dtype.
+    np.save(data_path, np.ones((len(RECORDS), 16), np.float64))
+    with pytest.raises(ValueError, match="float64 array; the manifest expects"):
+        CaptionCache.open(built.path)
+    # Not a regular file.
+    data_path.unlink()
+    data_path.mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        CaptionCache.open(built.path)
+    data_path.rmdir()
+    # A symlink to an intact copy is fine; to a missing file, "missing".
+    copy = tmp_path / "elsewhere.npy"
+    copy.write_bytes(original)
+    data_path.symlink_to(copy)
+    CaptionCache.open(built.path, verify_checksum=True, check_finite=True)
+    copy.unlink()
+    with pytest.raises(FileNotFoundError, match="data file is missing"):
+        CaptionCache.open(built.path)
+
+
+def test_nan_and_zero_rows_in_the_data_file(built: CaptionCache) -> None:
+    array = np.load(built.path / DATA_FILE, mmap_mode="r+")
+    array[3] = 0
+    array.flush()
+    del array
+    with pytest.raises(ValueError, match=r"1 all-zero row\(s\).*'img_03\.png'"):
+        CaptionCache.open(built.path, check_finite=True)
+    # A build of the same content with verify=True repairs it.
+    encoder = CountingEncoder()
+    build_caption_cache(RECORDS, built.path, encoder, progress=False, verify=True)
+    assert encoder.embedded == len(RECORDS)
+    CaptionCache.open(built.path, check_finite=True, verify_checksum=True)
+
+
+def test_open_names_what_is_wrong_with_the_folder(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(FileNotFoundError, match="it is a file, not a cache folder"):
+        CaptionCache.open(file)
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json is missing"):
+        CaptionCache.open(tmp_path / "nothing")
+    building = tmp_path / "building"
+    building.mkdir()
+    with _build_lock(building, None):
+        with pytest.raises(FileNotFoundError, match="building it right now") as info:
+            CaptionCache.open(building)
+        assert f"pid {os.getpid()}" in str(info.value)
+
+
+def test_lock_timeout(tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    out.mkdir()
+    with (
+        _build_lock(out, None),
+        pytest.raises(TimeoutError, match="still building the caption cache"),
+    ):
+        build_caption_cache(
+            RECORDS, out, HashEncoder(), progress=False, lock_timeout=0.3
+        )
+    build_caption_cache(RECORDS, out, HashEncoder(), progress=False, lock_timeout=0.3)
+
+
+# -- permissions (rough) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_cache_files_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """manifest.json and keys.json were 0600 while embeddings.npy was 0644."""
+    old = os.umask(umask)
+    try:
+        cache = build_caption_cache(
+            RECORDS, tmp_path / "cache", HashEncoder(), progress=False
+        )
+    finally:
+        os.umask(old)
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in cache.path.iterdir()
+        if p.is_file()
+    }
+    assert modes == dict.fromkeys(
+        [DATA_FILE, KEYS_FILE, MANIFEST_FILE, LOCK_FILE], mode
+    )
+
+
+# -- wrong types to public functions -----------------------------------------------
+
+
+def test_wrong_types_are_refused_with_clear_errors(
+    built: CaptionCache, tmp_path: Path
+) -> None:
+    out = tmp_path / "x"
+    with pytest.raises(TypeError, match="records must be a sequence of CaptionRecord"):
+        build_caption_cache("a.png", out, HashEncoder())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="CaptionRecord items, got tuple"):
+        build_caption_cache([("a.png", "cat")], out, HashEncoder())  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"encoder must have a str \.name"):
+        build_caption_cache(RECORDS, out, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        build_caption_cache(RECORDS, out, HashEncoder(), chunk_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_caption_cache(RECORDS, out, HashEncoder(), dtype="bfloat16")
+    with pytest.raises(ValueError, match="lock_timeout"):
+        build_caption_cache(RECORDS, out, HashEncoder(), lock_timeout=-1)
+    with pytest.raises(TypeError, match="out_dir must be a folder path"):
+        build_caption_cache(RECORDS, 5, HashEncoder())  # type: ignore[arg-type]
+    assert not out.exists()  # nothing created before the arguments were checked
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        build_caption_cache(RECORDS, tmp_path / "f", HashEncoder())
+    cache = build_caption_cache(
+        RECORDS, tmp_path / "np", HashEncoder(), dtype=np.float32, progress=False
+    )
+    assert cache.dtype == "float32"
+    with pytest.raises(TypeError, match="path must be a cache folder"):
+        CaptionCache.open(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="records must be a sequence"):
+        CaptionCache.open(built.path, records="img_00.png")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="encoder must be an encoder"):
+        CaptionCache.open(built.path, encoder=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="filenames must be a sequence"):
+        built.lookup("img_00.png")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Row index must be an integer"):
+        built[True]
+    table = CaptionTable(_expected(), [r.filename for r in RECORDS])
+    with pytest.raises(TypeError, match="filenames must be a sequence"):
+        table.lookup("img_00.png")  # type: ignore[arg-type]
+
+
+def test_encoder_output_that_is_not_an_embedding(tmp_path: Path) -> None:
+    class Zero(HashEncoder):
+        def encode(self, texts: Sequence[str]) -> torch.Tensor:
+            out = super().encode(texts)
+            out[-1] = 0
+            return out
+
+    with pytest.raises(ValueError, match=r"zero or overflows float16 for row 4"):
+        build_caption_cache(
+            RECORDS[:5], tmp_path / "z", Zero(), chunk_size=5, progress=False
+        )
+
+    class Huge(HashEncoder):
+        def encode(self, texts: Sequence[str]) -> torch.Tensor:
+            return super().encode(texts) * 1e6
+
+    with pytest.raises(ValueError, match="overflows float16"):
+        build_caption_cache(RECORDS[:2], tmp_path / "h", Huge(), progress=False)
+    cache = build_caption_cache(
+        RECORDS[:2], tmp_path / "h32", Huge(), dtype="float32", progress=False
+    )
+    torch.testing.assert_close(cache[:], _expected()[:2])
+
+    class Listy(HashEncoder):
+        def encode(self, texts: Sequence[str]) -> Any:
+            return super().encode(texts).tolist()
+
+    with pytest.raises(ValueError, match="returned a list; expected a tensor"):
+        build_caption_cache(RECORDS[:2], tmp_path / "l", Listy(), progress=False)
+
+
+# -- the command (rough) -----------------------------------------------------------------
+
+
+class _NoEncoder:
+    """Fails the test if the command loads the encoder before checking its flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the encoder was loaded before the flags were checked")
+
+
+class _FakeTextEncoder(HashEncoder):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Runs the command; argparse's own errors exit, ours return: the same here."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--format", "classes", "--template", "a {} {name}"], "exactly one '{}'"),
+        (["--format", "classes", "--template", "a {"], "malformed"),
+        (["--format", "csv", "--template", "a {}"], "--template does not apply"),
+        (["--format", "classes", "--csv-img-key", "x"], "--csv-img-key does not apply"),
+        (["--format", "webdataset", "--csv-separator", ","], "does not apply"),
+        (["--csv-separator", ""], "--csv-separator must not be empty"),
+        (["--batch-size", "0"], "argument --batch-size: must be positive"),
+        (["--chunk-size", "x"], "expected an integer"),
+        (["--lock-timeout", "-1"], "must be finite and >= 0"),
+    ],
+)
+def test_cli_flag_errors_are_one_line_before_any_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setattr("xclr_plugin.text.TextEncoder", _NoEncoder)
+    source = tmp_path / "train.tsv"
+    source.write_text("filepath\ttitle\na.png\ta cat\n")
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    if "classes" in extra:
+        source = tmp_path / "classes"
+    status, _, err = _run([str(source), "-o", str(tmp_path / "o"), *extra], capsys)
+    assert status == 2
+    assert message in err
+    assert err.startswith("xclr-embed-captions: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_output_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("xclr_plugin.text.TextEncoder", _NoEncoder)
+    source = tmp_path / "train.tsv"
+    source.write_text("filepath\ttitle\na.png\ta cat\n")
+    target = tmp_path / "existing.txt"
+    target.write_text("keep me")
+    status, _, err = _run([str(source), "-o", str(target)], capsys)
+    assert status == 2 and "is a file; give a folder" in err and err.count("\n") == 1
+    status, _, err = _run([str(source), "-o", str(target / "sub")], capsys)
+    assert status == 2 and "which is a file" in err
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("sep", "text"),
+    [("\\t", "filepath\ttitle\n{rows}"), (";;", "filepath;;title\n{rows}")],
+)
+def test_cli_separators_typed_in_a_shell(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sep: str,
+    text: str,
+) -> None:
+    monkeypatch.setattr("xclr_plugin.text.TextEncoder", _FakeTextEncoder)
+    real_sep = "\t" if sep == "\\t" else sep
+    rows = "".join(f"{r.filename}{real_sep}{r.caption}\n" for r in RECORDS)
+    source = tmp_path / "train.csv"
+    source.write_text(text.format(rows=rows))
+    out = tmp_path / "cache"
+    status, stdout, err = _run(
+        [str(source), "-o", str(out), "--csv-separator", sep, "--no-progress"], capsys
+    )
+    assert status == 0, err
+    assert "Caption cache ready: 12 embeddings" in stdout
+    cache = CaptionCache.open(out, records=RECORDS, check_finite=True)
+    torch.testing.assert_close(cache[:], _expected(), atol=FP16_ATOL, rtol=0)
+
+
+def test_cli_rerun_verifies_and_repairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run used to print "ready" over a cache with unwritten (zero) rows."""
+    monkeypatch.setattr("xclr_plugin.text.TextEncoder", _FakeTextEncoder)
+    source = tmp_path / "train.tsv"
+    source.write_text(
+        "filepath\ttitle\n" + "".join(f"{r.filename}\t{r.caption}\n" for r in RECORDS)
+    )
+    out = tmp_path / "cache"
+    assert _run([str(source), "-o", str(out), "--no-progress"], capsys)[0] == 0
+    # What the old concurrent builders published: half the rows zero, a manifest
+    # whose checksum matches the damaged file.
+    array = np.load(out / DATA_FILE, mmap_mode="r+")
+    array[6:] = 0
+    array.flush()
+    del array
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    from xclr_plugin.cache import _file_sha256
+
+    manifest["data_sha256"] = _file_sha256(out / DATA_FILE)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    CaptionCache.open(out, records=RECORDS, verify_checksum=True)  # looks fine...
+    status, _, err = _run([str(source), "-o", str(out), "--no-progress"], capsys)
+    assert status == 0, err
+    assert "Rebuilding the damaged caption cache" in err and "6 all-zero row(s)" in err
+    CaptionCache.open(out, records=RECORDS, check_finite=True, verify_checksum=True)
+
+
+def test_cli_webdataset_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("webdataset")
+    monkeypatch.setattr("xclr_plugin.text.TextEncoder", _FakeTextEncoder)
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+            for record in RECORDS[shard * 6 : shard * 6 + 6]:
+                key = record.filename.removesuffix(".png")
+                for ext, payload in (
+                    ("jpg", b"\xff\xd8"),
+                    ("txt", record.caption.encode()),
+                ):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "cache"
+    spec = str(tmp_path / "shard-{0..1}.tar")
+    status, _, err = _run([spec, "-o", str(out), "--no-progress"], capsys)
+    assert status == 0, err
+    keys = [CaptionRecord(r.filename.removesuffix(".png"), r.caption) for r in RECORDS]
+    cache = CaptionCache.open(out, records=keys, check_finite=True)
+    torch.testing.assert_close(cache[:], _expected(), atol=FP16_ATOL, rtol=0)

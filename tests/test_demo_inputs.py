@@ -1,0 +1,155 @@
+"""``xclr-demo`` on bad or unusual input: one-line errors before any training.
+
+Each case here was wrong at 93d1533 (issue 12, items 10-14).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xclr_plugin import demo
+from xclr_plugin.captions import CaptionRecord
+
+pytest.importorskip("sklearn")
+
+FAST = ["--methods", "simclr", "--epochs", "1", "--batch-size", "8",
+        "--image-size", "16", "--width", "8", "--knn-k", "3", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if any method starts training."""
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("xclr_plugin.demo.cli.train_method", fail)
+
+
+def _tsv(tmp_path: Path, labels: list[int], n: int = 10) -> Path:
+    """A TSV of n noisy images per label, coloured by label, paths relative to it."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["filepath\ttitle\tlabel"]
+    for k, label in enumerate(labels):
+        colour = np.array([(80 * k) % 256, 200 - 60 * k, 40 + 90 * k]) % 256
+        for i in range(n):
+            pixels = np.clip(colour + rng.normal(0, 25, (12, 12, 3)), 0, 255)
+            name = f"img/{k}_{i}.png"
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / name)
+            lines.append(f"{name}\tsquare {k} number {i}\t{label}")
+    path = tmp_path / "train.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xclr-demo: error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.usefixtures("no_training")
+def test_unwritable_output_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tsv = _tsv(tmp_path, [0, 1])
+    rc = demo.main(["--data", str(tsv), *FAST, "--output", "/proc/xclr-demo-out"])
+    assert rc == 2
+    assert "/proc/xclr-demo-out" in _one_line_error(capsys)
+
+
+@pytest.mark.usefixtures("no_training")
+def test_output_that_is_a_file_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tsv = _tsv(tmp_path, [0, 1])
+    existing = tmp_path / "results"
+    existing.write_text("keep me", encoding="utf-8")
+    rc = demo.main(["--data", str(tsv), *FAST, "--output", str(existing)])
+    assert rc == 2
+    assert "existing file" in _one_line_error(capsys)
+    assert existing.read_text(encoding="utf-8") == "keep me"
+
+
+@pytest.mark.usefixtures("no_training")
+def test_corrupt_png_is_named_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tsv = _tsv(tmp_path, [0, 1])
+    broken = tmp_path / "img" / "1_3.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated inside the image data
+    rc = demo.main(["--data", str(tsv), *FAST, "--output", str(tmp_path / "o")])
+    assert rc == 2
+    assert "1_3.png" in _one_line_error(capsys)
+
+
+def test_huge_labels_are_mapped_to_a_dense_index() -> None:
+    records = [CaptionRecord(f"{i}.png", "x", label) for i, label in
+               enumerate([10**9, 0, 10**9, 0])]  # fmt: skip
+    dense, names = demo.dense_labels(records)
+    assert names == ["0", "1000000000"]
+    assert [r.label for r in dense] == [1, 0, 1, 0]
+
+
+def test_negative_labels_keep_their_names() -> None:
+    records = [CaptionRecord(f"{i}.png", "x", label) for i, label in
+               enumerate([1, -1, 0, -1])]  # fmt: skip
+    dense, names = demo.dense_labels(records)
+    assert names == ["-1", "0", "1"]
+    assert [r.label for r in dense] == [2, 0, 1, 0]
+
+
+@pytest.mark.slow
+def test_labels_minus_one_zero_one_end_to_end(tmp_path: Path) -> None:
+    tsv = _tsv(tmp_path, [-1, 0, 10**9])
+    out = tmp_path / "out"
+    rc = demo.main(["--data", str(tsv), *FAST, "--output", str(out)])
+    assert rc == 0
+    result = json.loads((out / demo.RESULTS_JSON).read_text(encoding="utf-8"))
+    data = result["data"][str(tsv)]
+    assert data["classes"] == ["-1", "0", "1000000000"]
+    assert data["images_per_class"] == {"-1": 10, "0": 10, "1000000000": 10}
+    assert data["regime"] == "one caption per image"
+    # Colour decides the class: even random features separate the three colours.
+    assert result["references"][str(tsv)]["random_init"]["linear_top1"] > 0.6
+
+
+def test_csv_without_labels_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "captions.csv"
+    csv.write_text("filepath,title\na.png,a cat\n", encoding="utf-8")
+    rc = demo.main(
+        ["--data", str(csv), "--no-progress", "--output", str(tmp_path / "o")]
+    )
+    assert rc == 2
+    err = _one_line_error(capsys)
+    assert "label" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "simclr,byol"], "--methods"),
+        (["--epochs", "0"], "--epochs"),
+        (["--test-fraction", "1.5"], "--test-fraction"),
+        (["--target-temperature", "0"], "--target-temperature"),
+        (["--caption-template", "no slot"], "--caption-template"),
+        (["--animals-images", "0"], "--animals-images"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
