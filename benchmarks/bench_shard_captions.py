@@ -150,7 +150,9 @@ def main() -> None:
         urls = write_shards(Path(tmp), args.shards, args.per_shard, args.image_kib)
         paths = _expand(urls)
         total_mib = sum(os.path.getsize(p) for p in paths) / 2**20
-        read_times, cold_times, stream_times = [], [], []
+        read_times: list[float] = []
+        cold_times: list[float] = []
+        stream_times: list[float] = []
         parallel_times: list[float] = []
         workers = min(8, os.cpu_count() or 1)
         records: list[Any] = []
@@ -232,7 +234,12 @@ def main() -> None:
         + f"\nReading the captions takes {100 * encode_rate / read_rate:.1f}% of the "
         "time the encoder needs for the same captions: building the cache is bound by "
         "the encoder's throughput, and the pre-training key check of the shards costs "
-        "the 'read captions' line.\n"
+        "the 'read captions' line.\n\n"
+        "Decision: a cache built once from the shards (`xclr-embed-captions --format "
+        "webdataset SHARDS -o DIR`, looked up by `__key__`). Embedding each batch's "
+        f"captions on the fly would add {256 / encode_rate:.2f} s to every training "
+        f"step of batch 256 on this device ({args.device}), every epoch; a cache "
+        "lookup of 64 rows costs 0.2 ms (`caption_cache.md`).\n"
     )
     name = "shard_captions" + (f"_{args.tag}" if args.tag else "")
     write_json(RESULTS / f"{name}.json", result)

@@ -10,6 +10,13 @@ batch grows, with peak GPU memory from ``torch.cuda.max_memory_allocated``.
 Usage (results as JSON and markdown in --output):
     python benchmarks/cuda_check.py --output benchmarks/results
     python benchmarks/cuda_check.py --device cpu --batch-sizes 256 512   # smoke run
+
+ClipLoss vs XCLRClipLoss under bf16 autocast, side by side (issue 13; the GPU half is
+prepared, not yet run: a few minutes on one H200, cases that do not fit are recorded as
+out of memory):
+    python benchmarks/bench_clip_autocast.py --device cuda \
+        --batch-sizes 4096 8192 16384 32768 65536 --chunk-size 4096 \
+        --output clip_autocast_cuda
 """
 
 from __future__ import annotations

@@ -459,3 +459,38 @@ def test_cli_webdataset_shards(
     keys = [CaptionRecord(r.filename.removesuffix(".png"), r.caption) for r in RECORDS]
     cache = CaptionCache.open(out, records=keys, check_finite=True)
     torch.testing.assert_close(cache[:], _expected(), atol=FP16_ATOL, rtol=0)
+
+
+def test_read_only_folder_uses_a_finished_cache(
+    built: CaptionCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared cache this user cannot write: the lock file cannot be created."""
+    from xclr_plugin import cache as cache_module
+
+    def read_only(path: Path) -> tuple[int, bool]:
+        raise cache_module._LockUnavailable(f"[Errno 30] Read-only file system: {path}")
+
+    monkeypatch.setattr(cache_module, "_open_lock_file", read_only)
+    encoder = CountingEncoder()
+    again = build_caption_cache(RECORDS, built.path, encoder, progress=False)
+    assert encoder.embedded == 0 and again.manifest == built.manifest
+    with pytest.raises(
+        ValueError, match=r"Cannot build the caption cache in .*Read-only"
+    ):
+        build_caption_cache(RECORDS, tmp_path / "empty", encoder, progress=False)
+
+
+def test_full_disk_is_an_error_before_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory-mapped write into a sparse file on a full disk is a SIGBUS crash."""
+    import errno
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    encoder = CountingEncoder()
+    with pytest.raises(OSError, match="Not enough disk space for the caption cache"):
+        build_caption_cache(RECORDS, tmp_path / "c", encoder, progress=False)
+    assert encoder.embedded == 0

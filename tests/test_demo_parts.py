@@ -179,3 +179,54 @@ def test_twemoji_selection_drops_component() -> None:
     assert len(records) == 200
     counts = np.bincount([cast(int, r.label) for r in records], minlength=9)
     assert counts.min() >= 4
+
+
+def _reproduce_module() -> Any:
+    """Imports benchmarks/reproduce.py (a script, not a package module)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_reproduce", bench / "reproduce.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module
+
+
+def test_reproduce_means_and_paired_differences() -> None:
+    reproduce = _reproduce_module()
+
+    def payload(simclr: float, xclr: float) -> dict[str, Any]:
+        scores = {"knn_top1": 0.5, "structure_rho": 0.1}
+        refs = {"random_init": {"linear_top1": 0.4, **scores}, "probe_noise": 0.02,
+                "own_view_mass": 0.9, "majority_class": {"class": "a", "top1": 0.1},
+                "descriptions_alone": {"linear_top1": 1.0, "knn_top1": 1.0}}  # fmt: skip
+        return {
+            "results": {"t": {"simclr": {"scores": {"linear_top1": simclr, **scores}},
+                              "xclr": {"scores": {"linear_top1": xclr, **scores}}}},
+            "references": {"t": refs},
+            "data": {"t": {"regime": "class names"}},
+        }  # fmt: skip
+
+    out = reproduce.aggregate(
+        [payload(0.60, 0.63), payload(0.64, 0.65), payload(0.70, 0.69)],
+        ["simclr", "xclr"],
+    )["t"]
+    assert out["methods"]["xclr"]["linear_top1"]["mean"] == pytest.approx(
+        0.65666, abs=1e-4
+    )
+    assert out["methods"]["xclr"]["linear_top1"]["std"] == pytest.approx(
+        np.std([0.63, 0.65, 0.69], ddof=1)
+    )
+    pair = out["paired"]["xclr - simclr"]["linear_top1"]
+    assert pair["values"] == pytest.approx([0.03, 0.01, -0.01])
+    assert pair["wins"] == 2
+    assert out["paired"]["xclr - simclr"]["knn_top1"]["wins"] == 0

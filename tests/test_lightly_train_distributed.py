@@ -133,6 +133,13 @@ def _run(data: dict[str, Any], tmp_path: Path) -> dict[str, list[list[dict[str, 
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "Embedding captions" not in log  # the processes opened the cache
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    final = [
+        line for line in log.splitlines() if line.startswith("Final training loss")
+    ]
+    assert len(final) == 1  # printed by process 0 only
+    checkpoint = torch.load(run_dir / "last.ckpt", map_location="cpu")
+    assert checkpoint["global_step"] == IMAGES // (WORLD * BATCH)
     saved = [torch.load(records / f"rank{r}.pt") for r in range(WORLD)]
     return {key: [s[key] for s in saved] for key in ("steps", "shifted")}
 

@@ -515,7 +515,7 @@ class TestBadInput:
             ValueError,
             match=rf"{name} must be a finite number > 0 whose inverse is finite",
         ):
-            XCLRLoss(**{name: value})
+            XCLRLoss(**{name: value})  # type: ignore[arg-type]
 
     def test_tiny_accepted_temperatures(self) -> None:
         assert XCLRLoss(temperature=3e-39).temperature == 3e-39

@@ -481,6 +481,12 @@ def nan_cache(data: Data) -> Path:
             ["--loss", "xclr-clip", "--xclr-caption-cache", "NANCACHE"],
             "row(s) with NaN or infinite values",
         ),
+        (["--loss", "clip", "--lock-text"], "needs --lock-text-freeze-layer-norm"),
+        (
+            ["--loss", "xclr-clip", "--xclr-text-device", "cuda:99"],
+            "--xclr-text-device 'cuda:99': cannot load the encoder",
+        ),
+        (["--loss", "xclr-clip", "--batch-size", "25"], "fewer than one global batch"),
     ],
 )
 def test_bad_input_fails_before_training(
@@ -507,6 +513,20 @@ def test_bad_input_fails_before_training(
     assert not (
         data.root / "logs" / name
     ).exists()  # refused before open_clip wrote anything
+
+
+def test_existing_run_name_fails_before_anything(
+    data: Data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = data.root / "logs" / "taken"
+    run.mkdir(parents=True)
+    (run / "out.log").write_text("an earlier run\n")
+    assert oct.main([*train_args(data, "taken"), "--loss", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("xclr-openclip-train: error: the experiment") and "--name" in err
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["out.log"]
 
 
 def test_other_open_clip_major_version_is_refused(

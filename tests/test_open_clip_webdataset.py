@@ -275,13 +275,18 @@ def test_key_missing_at_load_time_names_the_key() -> None:
         (["--loss", "clip", "--train-num-samples", "0"], "--train-num-samples must be"),
         (["--loss", "xclr-clip", "--xclr-caption-cache", "NOCACHE"],
          "xclr-embed-captions --format webdataset"),
+        (["--loss", "xclr-clip", "--xclr-target-mode", "clip-text",
+          "--train-data", "EMPTY"], "shard(s) are empty files"),
     ],
 )  # fmt: skip
 def test_bad_webdataset_runs_fail_before_training(
     shards: Shards, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = "wds-bad-" + "-".join(e.strip("-") for e in extra[:3])
-    extra = [str(shards.root / "nothing") if e == "NOCACHE" else e for e in extra]
+    empty = shards.root / "empty.tar"
+    empty.touch()  # open_clip alone would loop forever over it
+    replace = {"NOCACHE": str(shards.root / "nothing"), "EMPTY": str(empty)}
+    extra = [replace.get(e, e) for e in extra]
     args = wds_args(shards, name, *extra)  # a later flag overrides the default
     assert oct.main(args) == 2
     err = capsys.readouterr().err.splitlines()[-1]

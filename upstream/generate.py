@@ -128,9 +128,7 @@ def line_offsets(text: str) -> list[int]:
 def normalise_doctest_comments(text: str) -> str:
     """``>>> code        # note`` -> ``>>> code  # note``, as ``ruff format`` formats
     docstring code (lightly sets ``docstring-code-format = true``)."""
-    return re.sub(
-        r"^(\s*>>> [^#\n]*?\S) {2,}(# )", r"\1  \2", text, flags=re.MULTILINE
-    )
+    return re.sub(r"^(\s*>>> [^#\n]*?\S) {2,}(# )", r"\1  \2", text, flags=re.MULTILINE)
 
 
 # -- lightly ---------------------------------------------------------------------------
@@ -318,9 +316,7 @@ def referenced_names(node: ast.AST) -> set[str]:
 def segment_with_comments(module: ModuleInfo, node: ast.stmt) -> str:
     """The definition's source with its decorators and the comment lines above it."""
     lines = module.source.splitlines(keepends=True)
-    first = min(
-        [node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]
-    )
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
     while first > 1 and lines[first - 2].lstrip().startswith("#"):
         first -= 1
     assert node.end_lineno is not None
@@ -381,12 +377,8 @@ def pep604_to_typing(source: str) -> str:
                 for p in parts
                 if not (isinstance(p, ast.Constant) and p.value is None)
             ]
-            inner_text = (
-                texts[0] if len(texts) == 1 else f"Union[{', '.join(texts)}]"
-            )
-            return (
-                f"Optional[{inner_text}]" if len(texts) < len(parts) else inner_text
-            )
+            inner_text = texts[0] if len(texts) == 1 else f"Union[{', '.join(texts)}]"
+            return f"Optional[{inner_text}]" if len(texts) < len(parts) else inner_text
         start, stop = span(node)
         text = source[start:stop]
         # Unions nested in a subscript, e.g. tuple[Tensor | None, ...].
@@ -409,7 +401,7 @@ def pep604_to_typing(source: str) -> str:
     return source
 
 
-def open_clip_loss_block() -> tuple[str, set[str]]:
+def open_clip_loss_block() -> tuple[str, set[str], set[str]]:
     """``XCLRClipLoss`` and its helpers, in open_clip's conventions; and the typing
     names and standard-library modules they need imported."""
     modules = {name: read_module(name) for name in PLUGIN_MODULES}
@@ -465,7 +457,16 @@ def open_clip_loss_block() -> tuple[str, set[str]]:
         if ref in sys.stdlib_module_names
         and any(m.imports.get(ref) == (ref, "") for m in modules.values())
     }
-    unknown = external - OPEN_CLIP_NAMESPACE - stdlib
+    # Typing names (typing or collections.abc, for annotations) join the typing import.
+    typing_refs = {
+        ref
+        for ref in external
+        if any(
+            m.imports.get(ref, ("", ""))[0] in ("typing", "collections.abc")
+            for m in modules.values()
+        )
+    }
+    unknown = external - OPEN_CLIP_NAMESPACE - stdlib - typing_refs
     if unknown:
         raise GenerateError(
             f"XCLRClipLoss needs {sorted(unknown)}, which open_clip's loss.py does "
@@ -482,14 +483,16 @@ def open_clip_loss_block() -> tuple[str, set[str]]:
         if name in OPEN_CLIP_OVERRIDES:
             parts.append(OPEN_CLIP_OVERRIDES[name])
         else:
-            parts.append(segment_with_comments(modules[module], modules[module].defs[name]))
+            parts.append(
+                segment_with_comments(modules[module], modules[module].defs[name])
+            )
     block = "\n\n".join(part.rstrip("\n") + "\n" for part in parts)
     block = re.sub(r"  # type: ignore\[[^\]]*\]", "", block)
     block = re.sub(r"(?<![\w.])Tensor\b", "torch.Tensor", block)
     block = pep604_to_typing(block)
     _check_no_pep604(block)
-    used = ({"Optional", "Union"} | stdlib) & referenced_names(ast.parse(block))
-    return block, used
+    names = referenced_names(ast.parse(block))
+    return block, stdlib & names, ({"Optional", "Union"} | typing_refs) & names
 
 
 def _locals_of(node: ast.AST) -> set[str]:
@@ -511,7 +514,11 @@ def _check_no_pep604(block: str) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             annotations = [
                 a.annotation
-                for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                for a in [
+                    *node.args.posonlyargs,
+                    *node.args.args,
+                    *node.args.kwonlyargs,
+                ]
             ] + [node.returns]
         for annotation in annotations:
             if annotation is None:
@@ -526,14 +533,15 @@ def _check_no_pep604(block: str) -> None:
 def open_clip_changes() -> list[FileChange]:
     require_version("open_clip_torch", OPEN_CLIP_VERSION)
     site = installed_root("open_clip")
-    block, used = open_clip_loss_block()
+    block, stdlib_used, typing_used = open_clip_loss_block()
 
     loss_path = "open_clip/loss.py"
     loss_old = (site / loss_path).read_text()
-    typing_names = ", ".join(sorted({"Optional"} | (used & {"Optional", "Union"})))
-    header = "".join(
-        f"import {m}\n" for m in sorted(used - {"Optional", "Union"})
-    ) + f"from typing import {typing_names}\n"
+    typing_names = ", ".join(sorted({"Optional"} | typing_used))
+    header = (
+        "".join(f"import {m}\n" for m in sorted(stdlib_used))
+        + f"from typing import {typing_names}\n"
+    )
     loss_new = replace_once(
         loss_old, "from typing import Optional\n", header, what=loss_path
     )
@@ -625,7 +633,9 @@ TARGETS: dict[str, Callable[[], list[FileChange]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upstream/generate.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="upstream/generate.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--check",
         action="store_true",

@@ -127,7 +127,8 @@ def remove_temporaries(
     for name in names:
         for tmp in root.glob(temporary_name_pattern(name)):
             if tmp.is_file() and not tmp.is_symlink():
-                with contextlib.suppress(FileNotFoundError):
+                # Gone already, or not ours to delete (a read-only folder): skip it.
+                with contextlib.suppress(OSError):
                     tmp.unlink()
                     removed.append(tmp)
     return removed

@@ -6,16 +6,23 @@ A cache is a folder::
     keys.json         the file names (keys), one per row, in dataset order
     embeddings.npy    (count, dim) array, float16 by default, read with np.memmap
 
+    build.lock        an empty lock file (fcntl.flock) that builders hold exclusively
+
 While it is being built the folder holds ``embeddings.npy.partial`` (the full-size
 array, filled chunk by chunk) and ``progress.json`` (how many rows are final). Each
 chunk is written, flushed, and only then recorded as done (atomically), so a run that
 is interrupted resumes at the first unrecorded row: no row is duplicated or missing,
-and only the missing rows are embedded again. ``manifest.json`` appears last, after
-the data file is complete; a folder without it is not a cache.
+and only the missing rows are embedded again. Before publishing, every row is checked
+to have been written (finite, non-zero); ``manifest.json`` appears last, after the
+data file is complete; a folder without it is not a cache. A build holds an exclusive
+``flock`` on ``build.lock`` (the kernel drops it when the process dies), so a second
+builder of the same folder waits for the first and then finds its cache; a build
+deletes the temporary files and progress record that killed builders left behind.
 
-Opening a cache validates the manifest and the data file (and, if asked, against the
-dataset and encoder it is meant for) and raises ``ValueError`` naming the path and
-what differs, instead of ever returning wrong vectors. The array is opened lazily and
+Opening a cache validates the manifest, the data file and the keys file (and, if
+asked, the dataset and encoder it is meant for, the data checksum and that every row
+is finite) and raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming
+the path and what differs, instead of ever returning wrong vectors. The array is opened lazily and
 never pickled, so each DataLoader worker maps it on its own; rows are read only when
 looked up.
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -769,6 +777,28 @@ def _build_in_progress(path: Path) -> str | None:
         os.close(fd)  # also releases the shared lock
 
 
+class _LockUnavailable(Exception):
+    """The lock file can be neither created nor opened (e.g. a read-only folder)."""
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """Opens (creating it if needed) the lock file; returns ``(fd, writable)``.
+
+    Raises:
+        _LockUnavailable: If it cannot be opened at all.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o666), True
+    except OSError:
+        pass
+    try:
+        # Another user's lock file (0644 under a 022 umask): a read-only descriptor
+        # takes the same lock on local file systems.
+        return os.open(path, os.O_RDONLY | _O_CLOEXEC), False
+    except OSError as err:
+        raise _LockUnavailable(str(err)) from err
+
+
 @contextlib.contextmanager
 def _build_lock(out: Path, timeout: float | None) -> Iterator[None]:
     """Holds the exclusive build lock of a cache folder.
@@ -782,16 +812,10 @@ def _build_lock(out: Path, timeout: float | None) -> Iterator[None]:
 
     Raises:
         TimeoutError: If ``timeout`` passes before the lock is free.
+        _LockUnavailable: If the lock file cannot be created or opened.
     """
     path = out / LOCK_FILE
-    writable = True
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o666)
-    except PermissionError:
-        # Another user's lock file (0644 under a 022 umask): a read-only descriptor
-        # takes the same lock on local file systems.
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-        writable = False
+    fd, writable = _open_lock_file(path)
     try:
         if fcntl is None:  # pragma: no cover - Windows: no exclusion
             logger.warning(
@@ -930,6 +954,33 @@ def _check_dtype(dtype: Any) -> str:
     return str(name)
 
 
+def _reserve_disk_space(path: Path) -> None:
+    """Allocates a new (sparse) data file's blocks now.
+
+    Writing through a memory map into a sparse file on a full disk kills the process
+    with SIGBUS, at some chunk far into the build; allocating first turns that into
+    an ``OSError`` before anything is embedded.
+
+    Raises:
+        OSError: If the disk has no room for the file (ENOSPC), naming it and its size.
+    """
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:  # pragma: no cover - macOS, Windows
+        return
+    size = path.stat().st_size
+    with open(path, "rb+") as handle:
+        try:
+            allocate(handle.fileno(), 0, size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(
+                    err.errno,
+                    f"Not enough disk space for the caption cache data file {path} "
+                    f"({size / 2**20:.1f} MiB)",
+                ) from err
+            # EOPNOTSUPP, EINVAL: a file system without fallocate; writes will tell.
+
+
 def _check_rows_written(path: Path, count: int, dim: int, dtype: str) -> None:
     """Refuses to publish a data file with rows no encoder wrote.
 
@@ -1026,19 +1077,31 @@ def build_caption_cache(
         raise ValueError(f"The caption cache folder {out} is a file, not a folder.")
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(records, encoder, dtype)
-    with _build_lock(out, lock_timeout):
-        _remove_leftovers(out)
-        return _build_locked(
-            records,
-            out,
-            encoder,
-            fingerprint,
-            chunk_size=chunk_size,
-            overwrite=overwrite,
-            progress=progress,
-            on_chunk=on_chunk,
-            verify=verify,
-        )
+    try:
+        with _build_lock(out, lock_timeout):
+            _remove_leftovers(out)
+            return _build_locked(
+                records,
+                out,
+                encoder,
+                fingerprint,
+                chunk_size=chunk_size,
+                overwrite=overwrite,
+                progress=progress,
+                on_chunk=on_chunk,
+                verify=verify,
+            )
+    except _LockUnavailable as err:
+        # Raised only on entering the lock: a folder this process cannot write to (a
+        # shared, read-only cache). A finished cache of the same content is used as
+        # it is; nothing is built.
+        try:
+            return _open_built(out, fingerprint, verify)
+        except (FileNotFoundError, ValueError) as open_err:
+            raise ValueError(
+                f"Cannot build the caption cache in {out} (the lock file cannot be "
+                f"created: {err}), and it holds no usable cache: {open_err}"
+            ) from open_err
 
 
 def _build_locked(
@@ -1097,6 +1160,7 @@ def _build_locked(
             partial_path, mode="w+", dtype=dtype, shape=(count, dim)
         )
         array.flush()
+        _reserve_disk_space(partial_path)
         write_json_atomic(progress_path, {"fingerprint": fingerprint, "rows_done": 0})
     else:
         logger.info(

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from xclr_plugin.functional import (
     similarity_from_targets,
-    soft_target_cross_entropy,
+    soft_cross_entropy_dense,
     target_distribution,
     validate_chunk_size,
     validate_temperature,
@@ -205,13 +205,15 @@ class XCLRClipLoss(ClipLoss):
             if mm_dtype is not None:
                 logits_per_image = logits_per_image.float()
                 logits_per_text = logits_per_text.float()
-            target_probs = (
-                None
-                if similarity is None
-                else target_distribution(
-                    similarity.to(logits_per_image.dtype), self.target_temperature
+            target_probs = None
+            if similarity is not None:
+                # softmax(S / tau_s) in place: S is a fresh no-grad buffer.
+                target_probs = torch.softmax(
+                    similarity.to(logits_per_image.dtype).mul_(
+                        1.0 / self.target_temperature
+                    ),
+                    dim=1,
                 )
-            )
             loss = self.loss_from_logits(
                 logits_per_image, logits_per_text, target_probs
             )
@@ -375,9 +377,10 @@ class XCLRClipLoss(ClipLoss):
                 F.cross_entropy(logits_per_image, labels)
                 + F.cross_entropy(logits_per_text, labels)
             ) / 2
+        # No -inf logits here (nothing is masked): the fused soft cross-entropy.
         return (
-            soft_target_cross_entropy(logits_per_image, target_probs)
-            + soft_target_cross_entropy(logits_per_text, target_probs)
+            soft_cross_entropy_dense(logits_per_image, target_probs)
+            + soft_cross_entropy_dense(logits_per_text, target_probs)
         ) / 2
 
     def _validate(

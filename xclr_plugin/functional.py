@@ -24,6 +24,7 @@ from xclr_plugin.loss import (
 
 __all__ = [
     "similarity_from_targets",
+    "soft_cross_entropy_dense",
     "soft_target_cross_entropy",
     "target_distribution",
     "validate_chunk_size",
@@ -70,6 +71,39 @@ def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     # loss, never a finite loss with NaN gradients.
     weighted = torch.where(target_probs == 0, 0.0, target_probs * log_probs)
     return -weighted.sum(dim=1).mean()
+
+
+def soft_cross_entropy_dense(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """``-(1/n) sum_i sum_j G_ij log softmax_j(l_ij)`` for finite logits, fused.
+
+    The same value as :func:`soft_target_cross_entropy` (which also handles ``-inf``
+    logits) with fewer passes over the ``n x m`` matrices: the backward forms
+    ``softmax(l) - G`` in place from the saved log-probabilities. A NaN target gives a
+    NaN loss.
+    """
+    loss: Tensor = _SoftCrossEntropy.apply(logits, target_probs)
+    return loss
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, logits: Tensor, target: Tensor
+    ) -> Tensor:
+        log_probs = torch.log_softmax(logits, dim=1)
+        # Row-wise <G_i, log P_i> without an n x m temporary.
+        dots = torch.bmm(target.unsqueeze(1), log_probs.unsqueeze(2))
+        ctx.save_for_backward(log_probs, target)
+        return -dots.sum() / logits.shape[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
+    ) -> tuple[Tensor, None]:
+        log_probs, target = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = log_probs.exp().sub_(target)
+        return grad.mul_(grad_loss / log_probs.shape[0]), None
 
 
 def xclr_clip_loss_chunked(

@@ -45,8 +45,8 @@ class XCLRLoss(nn.Module):
 
     The target matrix is never materialised and at most one ``2B x 2B`` buffer exists
     (one ``2 chunk_size x 2B`` block with ``chunk_size``), so the loss costs less than
-    NT-Xent. It is computed in
-    float32 (float64 for float64 inputs), also under ``torch.autocast``.
+    NT-Xent. It is computed in float32 (float64 for float64 inputs), also under
+    ``torch.autocast``.
 
     - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
     - [1] SimCLR, 2020, https://arxiv.org/abs/2002.05709
@@ -209,11 +209,13 @@ class XCLRLoss(nn.Module):
                 logits, torch.zeros_like(logits[:, 0], dtype=torch.long)
             )
         descriptions, valid = self._bank_descriptions_for(targets)
+        own = torch.ones_like(logits[:, :1])
+        if targets.is_floating_point():
+            # S_ii = 1, made NaN by a non-finite caption (NaN in, NaN out) even when
+            # no bank entry is valid yet and the target is one-hot.
+            own = own + 0.0 * targets.detach().sum(dim=1, keepdim=True).to(own)
         similarity = torch.cat(
-            [
-                torch.ones_like(logits[:, :1]),
-                similarity_from_targets(targets, descriptions).to(logits.dtype),
-            ],
+            [own, similarity_from_targets(targets, descriptions).to(logits.dtype)],
             dim=1,
         )
         mask = torch.cat([torch.zeros_like(valid[:1]), ~valid])[None, :].expand_as(

@@ -46,6 +46,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -278,7 +279,12 @@ _RESNETS = (
 # training, so the keys xclr-train itself passes on are checked here, by name.
 _VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str, bool]] = [
     ("pre_trained", lambda v: isinstance(v, bool), "true or false", False),
-    ("seed", _is_int, "an integer", False),
+    (
+        "seed",
+        lambda v: _is_int(v) and 0 <= v < 2**32,
+        "an integer in [0, 2**32)",
+        False,
+    ),
     ("model.name", lambda v: v in _RESNETS, f"one of {list(_RESNETS)}", False),
     ("model.width", lambda v: _is_number(v) and v > 0, "a number > 0", False),
     ("model.num_ftrs", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
@@ -534,6 +540,45 @@ def _align_records(
     return aligned
 
 
+def _check_folder_links(input_dir: str) -> None:
+    """Refuses folder links that make ``LightlyDataset`` read images again.
+
+    torchvision walks ``input_dir`` following links: a link to a folder above it (a
+    loop) repeats every image until the path grows too long (4 images became 160 in a
+    test), and two links to one folder double its images. Both are refused, naming
+    the link.
+
+    Raises:
+        ValueError: For such a link or a folder that cannot be read.
+    """
+    seen = {os.path.realpath(input_dir)}
+    stack = [input_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise ValueError(
+                f"input_dir: the folder {folder} cannot be read: {err}."
+            ) from None
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                continue  # a broken link: the image check names broken files
+            if not is_dir:
+                continue
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                raise ValueError(
+                    f"input_dir: {entry.path} leads to {real}, which input_dir already "
+                    "holds (a link loop or a second link to one folder), so its images "
+                    "would be read more than once. Remove the link."
+                )
+            seen.add(real)
+            stack.append(entry.path)
+
+
 def _list_images(input_dir: str | None) -> LightlyDataset:
     """The images of ``input_dir``, as ``LightlyDataset`` finds them (no transform yet).
 
@@ -547,8 +592,8 @@ def _list_images(input_dir: str | None) -> LightlyDataset:
         raise ValueError(f"input_dir {input_dir!r} does not exist.")
     if not os.path.isdir(input_dir):
         raise ValueError(f"input_dir {input_dir!r} is not a folder.")
+    _check_folder_links(input_dir)
     try:
-        os.listdir(input_dir)
         dataset = LightlyDataset(input_dir)
     except PermissionError as err:
         raise ValueError(f"input_dir {input_dir!r} cannot be read: {err}.") from None
@@ -601,21 +646,33 @@ def _targets(
         # DDP workers and repeated runs start at once).
         lookup = _open_finished_cache(cache_dir, records, encoder_name)
     if lookup is None:
-        encoder = TextEncoder(
-            encoder_name,
-            device=str(captions.get("device") or "cpu"),
-            batch_size=int(captions.get("batch_size") or 256),
-            show_progress=True,
-        )
-        if cache_dir is None:
-            lookup = CaptionTable.from_records(records, encoder)
-        else:
-            lookup = build_caption_cache(
-                records,
-                cache_dir,
-                encoder,
-                dtype=str(captions.get("dtype") or "float16"),
+        device = str(captions.get("device") or "cpu")
+        try:
+            encoder = TextEncoder(
+                encoder_name,
+                device=device,
+                batch_size=int(captions.get("batch_size") or 256),
+                show_progress=True,
             )
+            if cache_dir is None:
+                lookup = CaptionTable.from_records(records, encoder)
+            else:
+                lookup = build_caption_cache(
+                    records,
+                    cache_dir,
+                    encoder,
+                    dtype=str(captions.get("dtype") or "float16"),
+                )
+        except (OSError, RuntimeError, ImportError) as err:
+            # A missing encoder folder, a device that is not there, a cache folder
+            # that cannot be written: all show up here, as different exceptions.
+            where = f", captions.cache_dir={cache_dir}" if cache_dir else ""
+            raise ValueError(
+                f"captions: embedding the captions failed (captions.encoder="
+                f"{encoder_name or 'null (all-MiniLM-L6-v2)'}, captions.device="
+                f"{device}{where}): "
+                f"{type(err).__name__}: {err}"
+            ) from None
     if isinstance(lookup, CaptionCache):
         # Training reads every row: one NaN row would turn every loss it meets into
         # NaN (and, gathered, every process's), so the rows are checked once here.
@@ -918,6 +975,29 @@ def _dry_run(
         ) from None
 
 
+def _check_writable(dirpath: Any) -> None:
+    """Checks that checkpoints can be written to ``checkpoint_callback.dirpath``.
+
+    Lightning creates the folder only when it saves the first checkpoint, at the end
+    of the first epoch; a folder that cannot be written would lose that epoch.
+
+    Raises:
+        ValueError: Naming the folder and the reason.
+    """
+    if dirpath is None or str(dirpath) == "":
+        return
+    folder = os.path.abspath(str(dirpath))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"checkpoint_callback.dirpath={dirpath}: checkpoints cannot be written "
+            f"there: {err}."
+        ) from None
+
+
 @dataclass
 class _Plan:
     """A checked config and everything built from it before training."""
@@ -930,6 +1010,7 @@ class _Plan:
     kind: str
     trainer: Trainer
     checkpoint_callback: Any
+    state_dict: dict[str, Tensor] | None
 
 
 def _prepare(cfg: DictConfig | Mapping[str, Any], is_cli_call: bool) -> _Plan:
@@ -971,7 +1052,32 @@ def _prepare(cfg: DictConfig | Mapping[str, Any], is_cli_call: bool) -> _Plan:
         raise ValueError(
             f"optimizer: {err} (optimizer.* is passed to torch.optim.SGD)"
         ) from None
+    loader = {k: v for k, v in cfg["loader"].items() if k != "batch_size"}
+    loader["num_workers"] = max(0, int(loader.get("num_workers") or 0))
+    try:
+        torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.zeros(2)), batch_size=2, **loader
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"loader: {err} (loader.* is passed to torch.utils.data.DataLoader)"
+        ) from None
     _dry_run(cfg, criterion_cfg, dataset, collate_fn, kind)
+    # Loaded now (no random numbers involved) so that a missing file or an offline
+    # model-zoo download is reported before training, not after the set-up.
+    try:
+        state_dict = _load_state_dict(cfg, is_cli_call)
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        source = (
+            f"checkpoint={cfg['checkpoint']}"
+            if cfg["checkpoint"]
+            else "pre_trained=true downloads them; pre_trained=false trains from scratch"
+        )
+        raise ValueError(
+            f"checkpoint: cannot load the starting weights ({source}): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    _check_writable(cfg["checkpoint_callback"].get("dirpath"))
 
     # lightly's SelfSupervisedEmbedding.train_embedding, with the trainer built now
     # (so that bad trainer.* settings are reported before training) and one more
@@ -991,14 +1097,21 @@ def _prepare(cfg: DictConfig | Mapping[str, Any], is_cli_call: bool) -> _Plan:
     trainer_callbacks.append(_StopOnNonFiniteLoss(str(criterion_cfg["name"])))
     try:
         trainer = Trainer(**trainer_kwargs, callbacks=trainer_callbacks)
-    except (
-        Exception
-    ) as err:  # Lightning: TypeError, ValueError, MisconfigurationException
+    # Lightning raises TypeError, ValueError and MisconfigurationException here.
+    except Exception as err:
         raise ValueError(f"trainer: {type(err).__name__}: {err}") from None
     # Now with the process count Lightning settled on (devices=auto, -1, ...).
     _check_batches(cfg, criterion_cfg, len(dataset), trainer.world_size)
     return _Plan(
-        cfg, criterion_cfg, input_dir, dataset, collate_fn, kind, trainer, checkpoint_cb
+        cfg,
+        criterion_cfg,
+        input_dir,
+        dataset,
+        collate_fn,
+        kind,
+        trainer,
+        checkpoint_cb,
+        state_dict,
     )
 
 
@@ -1028,7 +1141,7 @@ def _fit(plan: _Plan, is_cli_call: bool) -> TrainResult:
     if cfg["loader"]["num_workers"] < 0:
         cfg["loader"]["num_workers"] = cpu_count()
 
-    state_dict = _load_state_dict(cfg, is_cli_call)
+    state_dict = plan.state_dict
     model = _build_model(cfg)
     if state_dict is not None:
         load_from_state_dict(model, state_dict)

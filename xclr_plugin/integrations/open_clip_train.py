@@ -386,6 +386,21 @@ def _check_open_clip_args(args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise OpenClipTrainError(f"--workers must be >= 0, got {args.workers}.")
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    log_file = "out-0" if args.log_local else "out.log"
+    run = os.path.join(args.logs, args.name) if args.name else None
+    if run and args.resume != "latest" and os.path.exists(os.path.join(run, log_file)):
+        # open_clip returns -1 on the first rank only; the other ranks would hang.
+        raise OpenClipTrainError(
+            f"the experiment {run!r} already exists; give another --name (or "
+            "--resume latest to continue it)."
+        )
+    if args.lock_text and not args.lock_text_freeze_layer_norm:
+        text_cfg = (open_clip_model_config(args.model) or {}).get("text_cfg", {})
+        if not text_cfg.get("hf_model_name"):
+            raise OpenClipTrainError(
+                "--lock-text needs --lock-text-freeze-layer-norm with open_clip's own "
+                "text towers (open_clip does not support unfreezing their LayerNorm)."
+            )
     if kind == "csv" and not os.path.isfile(args.train_data):
         raise OpenClipTrainError(f"--train-data {args.train_data!r} does not exist.")
     if kind != "webdataset":
@@ -401,6 +416,13 @@ def _check_open_clip_args(args: argparse.Namespace) -> None:
         raise OpenClipTrainError(
             f"--train-data: {len(missing)} of {len(shards)} shard(s) do not exist, the "
             f"first is {missing[0]!r}."
+        )
+    # open_clip skips unreadable shards; with nothing left to read it loops forever.
+    empty = [u for u in shards if _is_local(u) and os.path.getsize(_local_path(u)) == 0]
+    if empty:
+        raise OpenClipTrainError(
+            f"--train-data: {len(empty)} of {len(shards)} shard(s) are empty files, the "
+            f"first is {empty[0]!r}."
         )
     if args.train_num_samples is None:
         from open_clip_train.data import get_dataset_size
@@ -421,6 +443,17 @@ def _check_open_clip_args(args: argparse.Namespace) -> None:
             f"{args.workers} x {world_size} process(es); open_clip gives every worker "
             "its own shards. Use fewer --workers, more shards or --dataset-resampled."
         )
+
+
+def open_clip_model_config(name: str) -> dict[str, Any] | None:
+    """open_clip's config of a model name (None for hub or unknown names)."""
+    try:
+        from open_clip import get_model_config
+
+        config = get_model_config(name)
+    except Exception:
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _train_csv_captions(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -472,6 +505,13 @@ def _caption_embeddings(options: PluginOptions, args: argparse.Namespace) -> Any
     from xclr_plugin.captions import CaptionRecord
 
     images, captions = _train_csv_captions(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if len(captions) < args.batch_size * world_size:
+        raise OpenClipTrainError(
+            f"--train-data has {len(captions)} samples, fewer than one global batch "
+            f"(--batch-size {args.batch_size} x {world_size} process(es)); open_clip "
+            "drops incomplete batches and would train on nothing."
+        )
     encoder = None
     if options.xclr_text_encoder is not None or options.xclr_caption_cache is None:
         encoder = _text_encoder(options)
@@ -648,9 +688,11 @@ def _text_encoder(options: PluginOptions) -> Any:
             device=options.xclr_text_device,
             show_progress=True,
         )
-    except (ImportError, OSError, ValueError) as err:
+    except (ImportError, OSError, ValueError, RuntimeError) as err:
+        # RuntimeError: e.g. --xclr-text-device cuda without a usable GPU
         raise OpenClipTrainError(
-            f"--xclr-text-encoder: cannot load the encoder: {err}"
+            f"--xclr-text-encoder/--xclr-text-device {options.xclr_text_device!r}: "
+            f"cannot load the encoder: {err}"
         ) from None
 
 

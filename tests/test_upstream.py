@@ -1,0 +1,82 @@
+"""The upstream patches (upstream/): no drift, and the generator's transforms.
+
+The full check (apply to the installed releases, run the hosts' tests without
+xclr_plugin, one open_clip_train epoch) is ``upstream/check``, run by CI.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "_upstream_generate", ROOT / "upstream" / "generate.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_patches_match_the_sources(capsys: pytest.CaptureFixture[str]) -> None:
+    """Fails when xclr_plugin changed and `python upstream/generate.py` was not rerun."""
+    assert _generator().main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_lightly_module_has_lightly_imports_in_their_own_block() -> None:
+    generate = _generator()
+    source = (ROOT / "xclr_plugin" / "loss.py").read_text()
+    module = generate.lightly_loss_module(source)
+    tree = ast.parse(module)
+    assert "upstream" not in (ast.get_docstring(tree) or "")
+    lines = module.splitlines()
+    lightly_lines = [
+        i for i, line in enumerate(lines) if line.startswith("from lightly")
+    ]
+    torch_lines = [
+        i
+        for i, line in enumerate(lines)
+        if line.startswith(("import torch", "from torch"))
+    ]
+    assert lightly_lines and torch_lines
+    # One blank line separates the third-party block from lightly's, which comes last.
+    assert lines[min(lightly_lines) - 1] == ""
+    assert max(torch_lines) < min(lightly_lines)
+    assert "xclr_plugin" not in module
+
+
+def test_pep604_annotations_become_typing_forms() -> None:
+    generate = _generator()
+    source = (
+        "def f(a: int | None, b: tuple[Tensor | None, ...], c: A | B = x | y)"
+        " -> Tensor | dict[str, Tensor]:\n"
+        "    d: int | None = a | b\n"
+    )
+    converted = generate.pep604_to_typing(source)
+    assert converted == (
+        "def f(a: Optional[int], b: tuple[Optional[Tensor], ...], c: Union[A, B] = x | y)"
+        " -> Union[Tensor, dict[str, Tensor]]:\n"
+        "    d: Optional[int] = a | b\n"
+    )
+
+
+def test_open_clip_block_is_self_contained() -> None:
+    """The generated class uses nothing from lightly or xclr_plugin, and nothing that
+    Python 3.9 (open_clip's minimum) cannot evaluate in a signature."""
+    generate = _generator()
+    block, stdlib, typing_names = generate.open_clip_loss_block()
+    assert "lightly" not in block and "xclr_plugin" not in block
+    assert "class XCLRClipLoss(ClipLoss):" in block
+    assert stdlib <= set(sys.stdlib_module_names)
+    assert {"Optional"} <= typing_names
+    generate._check_no_pep604(block)
