@@ -110,10 +110,10 @@ def aggregate(
     return out
 
 
-def _pm(stat: dict[str, Any], key: str) -> str:
+def _pm(stat: dict[str, Any], key: str, sign: str = "") -> str:
     if key == "structure_rho":
         return f"{stat['mean']:+.2f} ± {stat['std']:.2f}"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    return f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f}"
 
 
 def _label(name: str) -> str:
@@ -148,7 +148,7 @@ def markdown(payload: dict[str, Any]) -> str:
         )
         pairs = [
             [f"X-CLR - {_label(name.split(' - ')[1])}",
-             *(f"{_pm(p[k], k).replace('±', '±')} ({p[k]['wins']}/{len(payload['seeds'])})"
+             *(f"{_pm(p[k], k, '+')} ({p[k]['wins']}/{len(payload['seeds'])})"
                for k in METRICS)]
             for name, p in block["paired"].items()
         ]  # fmt: skip

@@ -211,17 +211,19 @@ def _check_names(filenames: Any) -> None:
 
 
 def _check_record_list(records: Any, name: str) -> Sequence[CaptionRecord]:
-    """Refuses anything but a sequence of :class:`CaptionRecord`."""
-    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+    """Refuses anything but an iterable of :class:`CaptionRecord` (not a string)."""
+    if isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
         raise TypeError(
             f"{name} must be a sequence of CaptionRecord, got {type(records).__name__}."
         )
-    for record in records:
+    # A generator is read once, here.
+    items: Sequence[Any] = records if isinstance(records, Sequence) else list(records)
+    for record in items:
         if not isinstance(record, CaptionRecord):
             raise TypeError(
                 f"{name} must hold CaptionRecord items, got {type(record).__name__}."
             )
-    return records
+    return items
 
 
 class _RowScan(NamedTuple):
