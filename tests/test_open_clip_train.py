@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,18 @@ import open_clip_train.main as ocm
 import pytest
 import torch
 from _clip_helpers import dense_xclr_clip
+from _openclip_helpers import (
+    COLORS,
+    SHAPES,
+    TINY,
+    TINY_CFG,
+    Probe,
+    assert_loads_back,
+    draw,
+    install_probe,
+    state_dict,
+)
 from open_clip.loss import ClipLoss, SigLipLoss
-from PIL import Image, ImageDraw
 
 from xclr_plugin.cache import CaptionCache, build_caption_cache
 from xclr_plugin.captions import CaptionRecord
@@ -31,43 +40,7 @@ from xclr_plugin.clip_loss import XCLRClipLoss
 from xclr_plugin.integrations import open_clip_train as oct
 from xclr_plugin.text import TextEncoder
 
-TINY = "xclr-test-tiny"
 TINY_BIAS = "xclr-test-tiny-bias"
-TINY_CFG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 32,
-        "layers": 2,
-        "width": 64,
-        "head_width": 32,
-        "patch_size": 8,
-    },
-    "text_cfg": {
-        "context_length": 32,
-        "vocab_size": 49408,
-        "width": 64,
-        "heads": 2,
-        "layers": 2,
-    },
-}
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle", "cross"]
-
-
-def draw(shape: str, color: str, size: int = 48) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    pen = ImageDraw.Draw(image)
-    box = (8, 8, size - 8, size - 8)
-    if shape == "circle":
-        pen.ellipse(box, fill=color)
-    elif shape == "square":
-        pen.rectangle(box, fill=color)
-    elif shape == "triangle":
-        pen.polygon([(size // 2, 6), (size - 6, size - 6), (6, size - 6)], fill=color)
-    else:
-        pen.rectangle((size // 2 - 5, 6, size // 2 + 5, size - 6), fill=color)
-        pen.rectangle((6, size // 2 - 5, size - 6, size // 2 + 5), fill=color)
-    return image
 
 
 @dataclass
@@ -126,71 +99,9 @@ def checkpoint(data: Data, name: str) -> Path:
     return data.root / "logs" / name / "checkpoints" / "epoch_1.pt"
 
 
-@dataclass
-class Probe:
-    """Records every loss call of open_clip's training loop: inputs and output."""
-
-    on_call: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    loss: torch.nn.Module | None = None
-
-
 @pytest.fixture
 def probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
-    probe = Probe()
-    original = ocm.train_one_epoch
-
-    def train_one_epoch(
-        model: torch.nn.Module,
-        data: Any,
-        loss: torch.nn.Module,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        probe.loss = loss
-
-        def before(
-            module: torch.nn.Module, args: tuple[Any, ...], kw: dict[str, Any]
-        ) -> None:
-            if probe.on_call is not None:
-                probe.on_call(model, kw)
-            probe.calls.append(
-                {
-                    k: v.detach().clone()
-                    for k, v in kw.items()
-                    if isinstance(v, torch.Tensor)
-                }
-            )
-
-        def after(
-            module: torch.nn.Module, args: tuple[Any, ...], kw: dict[str, Any], out: Any
-        ) -> None:
-            probe.calls[-1]["loss"] = out["contrastive_loss"].detach().clone()
-
-        handles = [
-            loss.register_forward_pre_hook(before, with_kwargs=True),
-            loss.register_forward_hook(after, with_kwargs=True),
-        ]
-        try:
-            return original(model, data, loss, *args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    monkeypatch.setattr(ocm, "train_one_epoch", train_one_epoch)
-    return probe
-
-
-def state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # type: ignore[no-any-return]
-
-
-def assert_loads_back(model: str, path: Path) -> open_clip.CLIP:
-    """The checkpoint loads with open_clip.create_model_and_transforms, weights intact."""
-    loaded, _, _ = open_clip.create_model_and_transforms(model, pretrained=str(path))
-    for key, value in state_dict(path).items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
-    return loaded  # type: ignore[no-any-return]
+    return install_probe(monkeypatch)
 
 
 @pytest.fixture(scope="module")
