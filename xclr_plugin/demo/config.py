@@ -108,6 +108,9 @@ class DemoConfig:
         min_class_size: Classes with fewer images are left out (Twemoji's
             Component category has 5).
         limit: Use a stratified subset of this many images per task (quick checks).
+        probe_labels_per_class: Labelled training images per class of the
+            low-label linear probe (fewer if a class has fewer).
+        probe_draws: Fixed draws of those images the low-label probe is averaged over.
         knn_k: Neighbours of the kNN classifier.
         knn_t: Temperature of the kNN vote weights.
         device: Torch device.
@@ -142,6 +145,8 @@ class DemoConfig:
     animals_images: int = 2000
     min_class_size: int = 10
     limit: int | None = None
+    probe_labels_per_class: int = 10
+    probe_draws: int = 10
     knn_k: int = 20
     knn_t: float = 0.1
     device: str = "cpu"
@@ -161,16 +166,26 @@ class DemoConfig:
         return names if all(n in TASKS for n in names) else [self.data]
 
     def fingerprint(self, task: str, method: str) -> dict[str, Any]:
-        """What one method's result on one task depends on (for resuming).
+        """What one method's trained encoder on one task depends on (for resuming).
 
         The output folder, threads, device and the other methods are left out: a
-        finished run is reused whatever else the new command asks for.
+        finished run is reused whatever else the new command asks for. The settings
+        of the low-label probe (:meth:`probe_settings`) are left out too: the saved
+        features of a finished run are re-scored under new ones, without retraining.
         """
         out = dataclasses.asdict(self)
-        for key in ("data", "methods", "output", "threads", "device"):
+        for key in ("data", "methods", "output", "threads", "device",
+                    "probe_labels_per_class", "probe_draws"):  # fmt: skip
             out.pop(key)
         out.update(task=task, method=method)
         return out
+
+    def probe_settings(self) -> dict[str, int]:
+        """The scoring settings a saved run can be re-scored under."""
+        return {
+            "probe_labels_per_class": self.probe_labels_per_class,
+            "probe_draws": self.probe_draws,
+        }
 
     def validate(self) -> None:
         """Checks the values.
@@ -199,6 +214,8 @@ class DemoConfig:
             "min_class_size",
             "knn_k",
             "animals_images",
+            "probe_labels_per_class",
+            "probe_draws",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

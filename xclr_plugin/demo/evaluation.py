@@ -2,6 +2,12 @@
 
 - **linear probe**: scikit-learn's ``LogisticRegression`` (C=1) on standardised
   features, fitted on the training images;
+- **low-label linear probe**: the same probe fitted on only ``N`` labelled training
+  images per class (``probe_labels_per_class``), averaged over ``probe_draws`` fixed
+  draws of those images. With thousands of labels a linear probe recovers the class
+  from almost any decent features (it saturates); with a few per class it scores how
+  well the classes cluster, the standard low-label evaluation of self-supervised
+  learning;
 - **kNN**: lightly's ``knn_predict`` (cosine, k=20, t=0.1);
 - **description structure** (what X-CLR is for): the Spearman correlation between how
   similar the held-out images' embeddings are and how similar their descriptions are.
@@ -30,6 +36,8 @@ __all__ = [
     "Scores",
     "evaluate_features",
     "features",
+    "low_label_draws",
+    "low_label_probe",
     "own_view_mass",
     "probe_noise",
     "score_features",
@@ -52,27 +60,81 @@ def features(backbone: nn.Module, images: Tensor, device: torch.device) -> Tenso
     return torch.cat(out)
 
 
-def evaluate_features(
-    feats: Tensor, data: TaskData, config: DemoConfig
-) -> tuple[float, float]:
-    """Linear probe and kNN top-1 on frozen features: fit on train, score on test."""
-    from lightly.utils.benchmarking import knn_predict
+def _linear_probe(
+    x: Tensor, labels: Tensor, fit_idx: Tensor, test_idx: Tensor, seed: int
+) -> float:
+    """Top-1 of a logistic regression (C=1, standardised) fitted on ``fit_idx``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x = feats.double()
-    x_train, x_test = x[data.train_idx], x[data.test_idx]
-    y_train, y_test = data.labels[data.train_idx], data.labels[data.test_idx]
     probe = make_pipeline(
         StandardScaler(),
-        LogisticRegression(C=1.0, max_iter=2000, random_state=config.split_seed),
+        LogisticRegression(C=1.0, max_iter=2000, random_state=seed),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probe.fit(x_train.numpy(), y_train.numpy())
-    linear = float((probe.predict(x_test.numpy()) == y_test.numpy()).mean())
+        probe.fit(x[fit_idx].numpy(), labels[fit_idx].numpy())
+    return float((probe.predict(x[test_idx].numpy()) == labels[test_idx].numpy()).mean())
+
+
+def low_label_draws(
+    labels: Tensor, train_idx: Tensor, per_class: int, draws: int, seed: int
+) -> list[Tensor]:
+    """``draws`` fixed subsets of ``train_idx`` with ``per_class`` images per class.
+
+    A class with fewer training images gives all of them. Draw ``d`` depends only on
+    ``seed`` (the split seed) and ``d``, never on the training seed or the method, so
+    every encoder is probed with the same labelled images.
+    """
+    y = labels[train_idx]
+    out = []
+    for d in range(draws):
+        g = torch.Generator().manual_seed(10_000 * seed + d)
+        picks = []
+        for k in torch.unique(y).tolist():
+            members = train_idx[y == k]
+            picks.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+        out.append(torch.cat(picks).sort().values)
+    return out
+
+
+def low_label_probe(
+    feats: Tensor, data: TaskData, config: DemoConfig
+) -> tuple[float, float]:
+    """Linear probe fitted on ``probe_labels_per_class`` images per class.
+
+    Returns:
+        The mean top-1 on the test images over ``probe_draws`` fixed draws, and its
+        standard error over the draws (how much the choice of labelled images moves
+        the mean; the test-set noise comes on top).
+    """
+    x = feats.double()
+    accs = [
+        _linear_probe(x, data.labels, fit, data.test_idx, config.split_seed)
+        for fit in low_label_draws(
+            data.labels,
+            data.train_idx,
+            config.probe_labels_per_class,
+            config.probe_draws,
+            config.split_seed,
+        )
+    ]
+    spread = float(np.std(accs, ddof=1)) / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
+    return float(np.mean(accs)), spread
+
+
+def evaluate_features(
+    feats: Tensor, data: TaskData, config: DemoConfig
+) -> tuple[float, float]:
+    """Linear probe and kNN top-1 on frozen features: fit on train, score on test."""
+    from lightly.utils.benchmarking import knn_predict
+
+    x = feats.double()
+    x_train, x_test = x[data.train_idx], x[data.test_idx]
+    y_train, y_test = data.labels[data.train_idx], data.labels[data.test_idx]
+    linear = _linear_probe(x, data.labels, data.train_idx, data.test_idx, config.split_seed)
     bank = F.normalize(x_train.float(), dim=1)
     pred = knn_predict(
         F.normalize(x_test.float(), dim=1),
@@ -116,10 +178,13 @@ def structure_rho(feats: Tensor, data: TaskData) -> float:
 
 
 def score_features(feats: Tensor, data: TaskData, config: DemoConfig) -> Scores:
-    """All scores of one encoder: linear, kNN, description structure."""
+    """All scores of one encoder: linear, low-label linear, kNN, structure."""
     linear, knn = evaluate_features(feats, data, config)
+    low, low_se = low_label_probe(feats, data, config)
     return {
         "linear_top1": linear,
+        "lowlabel_top1": low,
+        "lowlabel_draw_se": low_se,
         "knn_top1": knn,
         "structure_rho": structure_rho(feats, data),
     }

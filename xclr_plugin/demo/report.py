@@ -12,7 +12,12 @@ from xclr_plugin.atomic import atomic_path
 
 __all__ = ["format_table", "plot_results"]
 
-_METRICS = (("linear_top1", "linear"), ("knn_top1", "kNN"), ("structure_rho", "rho"))
+_METRICS = (
+    ("linear_top1", "linear"),
+    ("lowlabel_top1", "low-label"),
+    ("knn_top1", "kNN"),
+    ("structure_rho", "rho"),
+)
 
 
 def _cell(value: float | None, key: str, spread: float | None = None) -> str:
@@ -32,12 +37,13 @@ def format_table(
     title: str,
     notes: Sequence[str] = (),
 ) -> str:
-    """A plain-text table: one row per method, three columns per task.
+    """A plain-text table: one row per method, four columns per task.
 
     Args:
         tasks: Task names, in column order.
         rows: Dicts with ``label``, ``uses`` and, per task, a dict of scores
-            (``linear_top1``, ``knn_top1``, ``structure_rho``; optional ``*_std``).
+            (``linear_top1``, ``lowlabel_top1``, ``knn_top1``, ``structure_rho``;
+            optional ``*_std``; a missing score shows as ``-``).
         title: First line.
         notes: Lines printed under the table.
     """
@@ -96,14 +102,15 @@ def plot_results(
     for col, task in enumerate(tasks):
         top, bottom = axes[0][col], axes[1][col]
         for offset, key, name, color in (
-            (-0.2, "linear_top1", "linear probe", "#4C72B0"),
-            (0.2, "knn_top1", "kNN", "#DD8452"),
+            (-0.27, "linear_top1", "linear probe", "#4C72B0"),
+            (0.0, "lowlabel_top1", "low-label linear", "#8172B3"),
+            (0.27, "knn_top1", "kNN", "#DD8452"),
         ):
             values = [100 * float((r.get(task) or {}).get(key) or 0) for r in rows]
             errors = [
                 100 * float((r.get(task) or {}).get(f"{key}_std") or 0) for r in rows
             ]
-            bars = top.bar(x + offset, values, 0.4, yerr=errors if any(errors) else None,
+            bars = top.bar(x + offset, values, 0.27, yerr=errors if any(errors) else None,
                            capsize=2, label=name, color=color)  # fmt: skip
             top.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
         if col < len(chance) and chance[col] is not None:
