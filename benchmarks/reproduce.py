@@ -39,7 +39,8 @@ from xclr_plugin.demo.report import plot_results
 
 from _common import RESULTS, command_line, markdown_table
 
-METRICS = ("linear_top1", "knn_top1", "structure_rho")
+METRICS = ("linear_top1", "lowlabel_top1", "knn_top1", "structure_rho")
+HEADERS = ("linear", "low-label", "kNN", "rho")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,16 +91,16 @@ def aggregate(
                 k: mean_std([p["results"][task][m]["scores"][k] for p in payloads])
                 for k in METRICS
             }
-        if "xclr" in methods:
-            for m in methods:
-                if m == "xclr":
-                    continue
-                pair = {}
-                for k in METRICS:
-                    diffs = [p["results"][task]["xclr"]["scores"][k]
-                             - p["results"][task][m]["scores"][k] for p in payloads]  # fmt: skip
-                    pair[k] = {**mean_std(diffs), "wins": sum(d > 0 for d in diffs)}
-                block["paired"][f"xclr - {m}"] = pair
+        pairs = [("xclr", m) for m in methods if "xclr" in methods and m != "xclr"]
+        if "supcon" in methods and "simclr" in methods:
+            pairs.append(("supcon", "simclr"))  # issue 11's check of the setup
+        for a, b in pairs:
+            pair = {}
+            for k in METRICS:
+                diffs = [p["results"][task][a]["scores"][k]
+                         - p["results"][task][b]["scores"][k] for p in payloads]  # fmt: skip
+                pair[k] = {**mean_std(diffs), "wins": sum(d > 0 for d in diffs)}
+            block["paired"][f"{a} - {b}"] = pair
         refs = [p["references"][task] for p in payloads]
         block["probe_noise"] = refs[0]["probe_noise"]
         block["own_view_mass"] = refs[0]["own_view_mass"]
@@ -132,6 +133,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{c['width']}, AdamW lr {c['lr']}, tau {c['temperature']}, tau_s "
         f"{c['target_temperature']}; seeds {payload['seeds']}; scored on the "
         f"{'validation' if c['eval_split'] == 'val' else 'held-out test'} images. "
+        f"low-label = linear probe on {c['probe_labels_per_class']} labelled images per "
+        f"class (mean of {c['probe_draws']} fixed draws). "
         "Accuracies in %, rho = Spearman correlation with the description similarities; "
         "mean ± std over seeds.",
         "",
@@ -143,20 +146,18 @@ def markdown(payload: dict[str, Any]) -> str:
              " ".join(f"{100 * v:.1f}" for v in s["linear_top1"]["values"])]
             for m, s in block["methods"].items()
         ]  # fmt: skip
-        lines.append(
-            markdown_table(["method", "linear", "kNN", "rho", "linear per seed"], rows)
-        )
+        lines.append(markdown_table(["method", *HEADERS, "linear per seed"], rows))
         pairs = [
-            [f"X-CLR - {_label(name.split(' - ')[1])}",
+            [" - ".join(_label(n) for n in name.split(" - ")),
              *(f"{_pm(p[k], k, '+')} ({p[k]['wins']}/{len(payload['seeds'])})"
                for k in METRICS)]
             for name, p in block["paired"].items()
         ]  # fmt: skip
         lines += [
             "Paired differences per seed (same initial weights and batches), wins in "
-            "brackets:",
+            "brackets; SupCon - SimCLR checks the setup (issue 11 asks for >= 3 points):",
             "",
-            markdown_table(["difference", "linear", "kNN", "rho"], pairs),
+            markdown_table(["difference", *HEADERS], pairs),
             f"Probe noise (1 s.e. of one accuracy): ±{100 * block['probe_noise']:.1f} "
             f"points. Majority class {100 * block['majority_class']['top1']:.1f}%. "
             f"Descriptions alone: linear {100 * block['descriptions_alone']['linear_top1']:.1f}%. "
@@ -237,9 +238,12 @@ def sweep(
             rows.append(cells)
     header = ["B", "task", "X-CLR own-view mass"]
     for m in config.methods:
-        header += [f"{METHODS[m].label} {k.split('_')[0]}" for k in METRICS]
+        header += [f"{METHODS[m].label} {h}" for h in HEADERS]
     header += [
-        f"X-CLR - {METHODS[m].label} linear" for m in config.methods if m != "xclr"
+        f"{' - '.join(_label(n) for n in pair.split(' - '))} linear"
+        for pair in next(iter(blocks.values()))[
+            next(iter(next(iter(blocks.values()))))
+        ]["paired"]
     ]
     text = "\n".join([
         "# Batch-size sweep", "", f"Command: `{command}`", "",

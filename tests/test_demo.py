@@ -65,6 +65,7 @@ def test_one_table_shows_every_method_in_both_regimes(
     table = (out / demo.RESULTS_TXT).read_text(encoding="utf-8")
     assert table in stdout
     for text in ["random init", *METHOD_LABELS, "animals linear", "twemoji rho",
+                 "animals low-label", "labelled images per class",
                  "class names", "one caption per image", "probe noise",
                  "target mass on the own view", "CC-BY 4.0", "Animal-MNIST"]:  # fmt: skip
         assert text in stdout, text
@@ -90,6 +91,7 @@ def test_results_json_holds_every_score(tiny_run: tuple[int, str, Path]) -> None
         for method, run in result["results"][task].items():
             scores = run["scores"]
             assert 0 <= scores["linear_top1"] <= 1 and 0 <= scores["knn_top1"] <= 1
+            assert 0 <= scores["lowlabel_top1"] <= 1 and scores["lowlabel_draw_se"] >= 0
             assert -1 <= scores["structure_rho"] <= 1, (task, method)
             assert len(run["loss_per_epoch"]) == 1
             assert all(math.isfinite(v) for v in run["loss_per_epoch"])
@@ -110,7 +112,9 @@ def test_outputs_are_complete_and_honour_the_umask(
         [demo.RESULTS_JSON, demo.RESULTS_PNG, demo.RESULTS_TXT, "runs"]
     )
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(runs) == 10 and all(r.endswith(".json") for r in runs)
+    assert len(runs) == 20
+    assert sum(r.endswith(".json") for r in runs) == 10
+    assert sum(r.endswith(".features.pt") for r in runs) == 10
     for path in [*out.iterdir(), *(out / "runs").iterdir()]:
         if path.is_file():
             assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
@@ -138,3 +142,28 @@ def test_rerun_resumes_finished_methods(
     # A changed setting is a different run: it trains again.
     with pytest.raises(AssertionError, match="trained again"):
         _main([*TINY, "--output", str(out), "--seed", "1"])
+
+
+@pytest.mark.slow
+def test_new_probe_settings_rescore_saved_features_without_training(
+    tiny_run: tuple[int, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, out = tiny_run
+    before = _load(out / demo.RESULTS_JSON)["results"]
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a finished method was trained again")
+
+    monkeypatch.setattr("xclr_plugin.demo.cli.train_method", no_training)
+    argv = [*TINY, "--output", str(out), "--probe-labels-per-class", "2"]
+    rc, stdout = _main([*argv, "--probe-draws", "3"])
+    assert rc == 0 and stdout.count("re-scored") == 10
+    assert "2 labelled images per class, mean of 3 fixed draws" in stdout
+    after = _load(out / demo.RESULTS_JSON)["results"]
+    for task, runs in after.items():
+        for method, run in runs.items():
+            old, new = before[task][method]["scores"], run["scores"]
+            # The same encoder: every score but the low-label probe is unchanged.
+            for key in ("linear_top1", "knn_top1", "structure_rho"):
+                assert new[key] == old[key], (task, method, key)
+            assert run["probe"] == {"probe_labels_per_class": 2, "probe_draws": 3}

@@ -144,6 +144,8 @@ def test_csv_without_labels_is_a_clear_error(
         (["--target-temperature", "0"], "--target-temperature"),
         (["--caption-template", "no slot"], "--caption-template"),
         (["--animals-images", "0"], "--animals-images"),
+        (["--probe-labels-per-class", "0"], "--probe-labels-per-class"),
+        (["--probe-draws", "-1"], "--probe-draws"),
     ],
 )
 def test_bad_arguments_are_usage_errors(

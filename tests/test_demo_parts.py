@@ -55,6 +55,46 @@ def test_probe_and_knn_against_oracles() -> None:
     assert linear < 0.4 and knn < 0.4  # chance is 0.2 on 100 test items
 
 
+def test_low_label_draws_are_fixed_per_class_subsets_of_the_training_images() -> None:
+    labels = torch.arange(90) // 30  # 3 classes; _fake keeps 20 of each for training
+    data = _fake(labels, torch.zeros(90, 4), "class names")
+    draws = ev.low_label_draws(labels, data.train_idx, 4, 5, seed=0)
+    assert len(draws) == 5
+    train = set(data.train_idx.tolist())
+    for fit in draws:
+        assert set(fit.tolist()) <= train  # never a test image
+        assert torch.bincount(labels[fit], minlength=3).tolist() == [4, 4, 4]
+    assert len({tuple(fit.tolist()) for fit in draws}) == 5  # the draws differ
+    again = ev.low_label_draws(labels, data.train_idx, 4, 5, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(draws, again, strict=True))
+    other = ev.low_label_draws(labels, data.train_idx, 4, 5, seed=1)
+    assert not all(torch.equal(a, b) for a, b in zip(draws, other, strict=True))
+    # More than a class holds: all of its training images.
+    (everything,) = ev.low_label_draws(labels, data.train_idx, 50, 1, seed=0)
+    assert everything.tolist() == sorted(train)
+
+
+def test_low_label_probe_hand_computed() -> None:
+    # 3 classes at the corners 5*e_k; 3 of class 2's 10 test images sit at class 0's
+    # corner. Whatever 4 labelled images per class are drawn, the probe gets the
+    # other 27 of the 30 test images right: 0.9 in every draw, so no draw noise.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(90) // 30
+    data = _fake(labels, torch.randn(90, 4, generator=g), "class names")
+    corner = labels.clone()
+    corner[data.test_idx[labels[data.test_idx] == 2][:3]] = 0
+    feats = 5 * F.one_hot(corner, 3).float() + 0.1 * torch.randn(90, 3, generator=g)
+    config = DemoConfig(probe_labels_per_class=4, probe_draws=6)
+    mean, se = ev.low_label_probe(feats, data, config)
+    assert mean == pytest.approx(27 / 30) and se == pytest.approx(0.0)
+    scores = ev.score_features(feats, data, config)
+    assert scores["lowlabel_top1"] == pytest.approx(27 / 30)
+    # Uninformative features: chance level, and the draws disagree.
+    noise = torch.randn(90, 16, generator=g)
+    mean, se = ev.low_label_probe(noise, data, config)
+    assert mean < 0.6 and se > 0
+
+
 def test_structure_rho_is_one_when_images_copy_descriptions() -> None:
     g = torch.Generator().manual_seed(0)
     names = F.normalize(torch.randn(6, 8, generator=g), dim=1)
@@ -205,12 +245,13 @@ def test_reproduce_means_and_paired_differences() -> None:
     reproduce = _reproduce_module()
 
     def payload(simclr: float, xclr: float) -> dict[str, Any]:
-        scores = {"knn_top1": 0.5, "structure_rho": 0.1}
+        scores = {"knn_top1": 0.5, "structure_rho": 0.1, "lowlabel_top1": 0.3}
         refs = {"random_init": {"linear_top1": 0.4, **scores}, "probe_noise": 0.02,
                 "own_view_mass": 0.9, "majority_class": {"class": "a", "top1": 0.1},
                 "descriptions_alone": {"linear_top1": 1.0, "knn_top1": 1.0}}  # fmt: skip
         return {
             "results": {"t": {"simclr": {"scores": {"linear_top1": simclr, **scores}},
+                              "supcon": {"scores": {"linear_top1": 0.7, **scores}},
                               "xclr": {"scores": {"linear_top1": xclr, **scores}}}},
             "references": {"t": refs},
             "data": {"t": {"regime": "class names"}},
@@ -218,7 +259,7 @@ def test_reproduce_means_and_paired_differences() -> None:
 
     out = reproduce.aggregate(
         [payload(0.60, 0.63), payload(0.64, 0.65), payload(0.70, 0.69)],
-        ["simclr", "xclr"],
+        ["simclr", "supcon", "xclr"],
     )["t"]
     assert out["methods"]["xclr"]["linear_top1"]["mean"] == pytest.approx(
         0.65666, abs=1e-4
@@ -230,3 +271,8 @@ def test_reproduce_means_and_paired_differences() -> None:
     assert pair["values"] == pytest.approx([0.03, 0.01, -0.01])
     assert pair["wins"] == 2
     assert out["paired"]["xclr - simclr"]["knn_top1"]["wins"] == 0
+    # issue 11's setup check: SupCon minus SimCLR, per seed.
+    check = out["paired"]["supcon - simclr"]["linear_top1"]
+    assert check["values"] == pytest.approx([0.10, 0.06, 0.0])
+    assert check["wins"] == 2
+    assert "simclr - xclr" not in out["paired"]

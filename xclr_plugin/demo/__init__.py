@@ -9,8 +9,9 @@ Read it top-down, one module per concern:
 3. :mod:`~xclr_plugin.demo.models`: the encoder every method trains and each
    method's objective (losses from :mod:`xclr_plugin.registry`).
 4. :mod:`~xclr_plugin.demo.training`: one training run, identical for every method.
-5. :mod:`~xclr_plugin.demo.evaluation`: linear probe, kNN and how well the
-   embedding follows the descriptions' similarity structure, on held-out images.
+5. :mod:`~xclr_plugin.demo.evaluation`: linear probe (on all and on few labels), kNN
+   and how well the embedding follows the descriptions' similarity structure, on
+   held-out images.
 6. :mod:`~xclr_plugin.demo.report`: the table and the figure.
 7. :mod:`~xclr_plugin.demo.cli`: the command, which runs the steps in this order.
 """

@@ -76,7 +76,9 @@ def _linear_probe(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(x[fit_idx].numpy(), labels[fit_idx].numpy())
-    return float((probe.predict(x[test_idx].numpy()) == labels[test_idx].numpy()).mean())
+    return float(
+        (probe.predict(x[test_idx].numpy()) == labels[test_idx].numpy()).mean()
+    )
 
 
 def low_label_draws(
@@ -121,7 +123,9 @@ def low_label_probe(
             config.split_seed,
         )
     ]
-    spread = float(np.std(accs, ddof=1)) / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
+    spread = (
+        float(np.std(accs, ddof=1)) / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
+    )
     return float(np.mean(accs)), spread
 
 
@@ -134,7 +138,9 @@ def evaluate_features(
     x = feats.double()
     x_train, x_test = x[data.train_idx], x[data.test_idx]
     y_train, y_test = data.labels[data.train_idx], data.labels[data.test_idx]
-    linear = _linear_probe(x, data.labels, data.train_idx, data.test_idx, config.split_seed)
+    linear = _linear_probe(
+        x, data.labels, data.train_idx, data.test_idx, config.split_seed
+    )
     bank = F.normalize(x_train.float(), dim=1)
     pred = knn_predict(
         F.normalize(x_test.float(), dim=1),
