@@ -1,0 +1,5 @@
+"""The console commands: ``xclr-embed-captions``, ``xclr-train``, ``xclr-openclip-train``.
+
+Each module parses its command line once into typed values and hands them to the
+library; errors reach the user through :mod:`xclr_plugin.errors`.
+"""
