@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xclr_plugin.atomic import write_text_atomic
-from xclr_plugin.shards import read_webdataset_captions
+from xclr_plugin.captions.shards import read_webdataset_captions
 from xclr_plugin.text import TextEncoder
 
 from _common import RESULTS, command_line, environment, markdown_table, write_json
@@ -107,7 +107,7 @@ def stream_all(urls: str) -> int:
 
 
 def _expand(urls: str) -> list[str]:
-    from xclr_plugin.shards import expand_shard_urls
+    from xclr_plugin.captions.shards import expand_shard_urls
 
     return expand_shard_urls(urls)
 

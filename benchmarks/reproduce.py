@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xclr_plugin.atomic import write_json_atomic, write_text_atomic
-from xclr_plugin.demo import METHODS, DemoConfig, run_demo
-from xclr_plugin.demo.cli import build_parser as demo_parser
-from xclr_plugin.demo.cli import config_from_args
+from xclr_plugin.demo import METHODS, DemoConfig, config_from_args, run_demo
+from xclr_plugin.demo import build_parser as demo_parser
 from xclr_plugin.demo.report import plot_results
+from xclr_plugin.errors import one_line
 
 from _common import RESULTS, command_line, markdown_table
 
@@ -61,11 +61,11 @@ def _ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(
+        raise ValueError(
             f"{option} must be comma-separated integers, got {text!r}."
         ) from None
     if not values:
-        raise SystemExit(f"{option} is empty.")
+        raise ValueError(f"{option} is empty.")
     return values
 
 
@@ -260,19 +260,17 @@ def sweep(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; see the module docstring."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    config.validate()
-    seeds = _ints(args.seeds, "--seeds")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        seeds = _ints(args.seeds, "--seeds")
+        sizes = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else []
+    except ValueError as err:
+        parser.error(one_line(err))
     command = command_line()
-    if args.batch_sizes:
-        sweep(
-            config,
-            seeds,
-            _ints(args.batch_sizes, "--batch-sizes"),
-            args.name or "sweep_batch",
-            command,
-        )
+    if sizes:
+        sweep(config, seeds, sizes, args.name or "sweep_batch", command)
     else:
         reproduce(config, seeds, args.name or "reproduce", command)
     return 0

@@ -23,6 +23,7 @@ import torch
 from lightly.utils import dist as lightly_dist
 
 from xclr_plugin import loss as loss_module
+from xclr_plugin.cli.train import main
 from xclr_plugin.integrations import lightly_train
 
 RECORD_DIR = os.environ["XCLR_DDP_RECORD_DIR"]
@@ -129,4 +130,4 @@ if __name__ == "__main__":
     with open(os.environ["XCLR_DDP_CAPTIONS"]) as handle:
         current["all_names"] = [line.split(",", 1)[0] for line in handle][1:]
     _install()
-    lightly_train.main()
+    main()

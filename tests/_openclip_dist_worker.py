@@ -44,7 +44,9 @@ def main() -> int:
     import open_clip_train.main as ocm
 
     import xclr_plugin.clip_loss as xcl
-    from xclr_plugin.integrations import open_clip_train as oct
+    from xclr_plugin.cli.openclip_train import main as openclip_train
+    from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY
+    from xclr_plugin.integrations.open_clip_train.loss import SampleCaptionTargets
 
     open_clip.add_model_config(configs)
     rank = int(os.environ["RANK"])
@@ -72,16 +74,16 @@ def main() -> int:
 
     shift = os.environ.get("XCLR_TEST_SHIFT_RANK")
     if shift is not None and int(shift) == rank:
-        lookup = oct.SampleCaptionTargets.forward
+        lookup = SampleCaptionTargets.forward
 
         def shifted(self: Any, *args: Any, **kwargs: Any) -> Any:
-            key = oct.SAMPLE_INDEX_KEY
+            key = SAMPLE_INDEX_KEY
             kwargs[key] = kwargs[key].roll(
                 1
             )  # each sample gets its neighbour's caption
             return lookup(self, *args, **kwargs)
 
-        oct.SampleCaptionTargets.forward = shifted  # type: ignore[method-assign]
+        SampleCaptionTargets.forward = shifted  # type: ignore[method-assign]
 
     original = ocm.train_one_epoch
 
@@ -90,7 +92,7 @@ def main() -> int:
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
         def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-            ids = kwargs[oct.SAMPLE_INDEX_KEY].detach().clone()
+            ids = kwargs[SAMPLE_INDEX_KEY].detach().clone()
             with torch.no_grad():
                 want = inner_model.encode_text(
                     tokenizer([captions[i] for i in ids]), normalize=True
@@ -126,7 +128,7 @@ def main() -> int:
                 handle.remove()
 
     ocm.train_one_epoch = train_one_epoch
-    result = oct.main(argv)
+    result = openclip_train(argv)
     torch.save(
         {"rank": rank, "result": result, "calls": calls}, Path(out) / f"rank{rank}.pt"
     )

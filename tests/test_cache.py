@@ -21,9 +21,9 @@ from xclr_plugin.cache import (
     CaptionCache,
     CaptionTable,
     build_caption_cache,
-    main,
 )
 from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.cli.embed_captions import main
 from xclr_plugin.text import TextEncoder
 
 FP16_ATOL = 2e-3  # float16 keeps ~3 decimal digits of unit-norm vectors

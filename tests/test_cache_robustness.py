@@ -13,10 +13,12 @@ import os
 import stat
 import sys
 import tarfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 import pytest
 import torch
@@ -28,11 +30,11 @@ from xclr_plugin.cache import (
     MANIFEST_FILE,
     CaptionCache,
     CaptionTable,
-    _build_lock,
     build_caption_cache,
-    main,
 )
+from xclr_plugin.cache.store import file_sha256
 from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.cli.embed_captions import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cache_builder import HashEncoder
@@ -188,19 +190,38 @@ def test_open_names_what_is_wrong_with_the_folder(tmp_path: Path) -> None:
         CaptionCache.open(file)
     with pytest.raises(FileNotFoundError, match=r"manifest\.json is missing"):
         CaptionCache.open(tmp_path / "nothing")
+    # A real build, paused inside its first chunk, holds the lock.
+    started, go = threading.Event(), threading.Event()
+
+    class Paused(HashEncoder):
+        def encode(self, texts: Sequence[str]) -> torch.Tensor:
+            started.set()
+            go.wait(60)
+            return super().encode(texts)
+
     building = tmp_path / "building"
-    building.mkdir()
-    with _build_lock(building, None):
+    thread = threading.Thread(
+        target=build_caption_cache,
+        args=(RECORDS, building, Paused()),
+        kwargs={"progress": False},
+    )
+    thread.start()
+    try:
+        assert started.wait(60)
         with pytest.raises(FileNotFoundError, match="building it right now") as info:
             CaptionCache.open(building)
         assert f"pid {os.getpid()}" in str(info.value)
+    finally:
+        go.set()
+        thread.join()
+    CaptionCache.open(building, records=RECORDS, check_finite=True)
 
 
 def test_lock_timeout(tmp_path: Path) -> None:
     out = tmp_path / "cache"
     out.mkdir()
     with (
-        _build_lock(out, None),
+        filelock.FileLock(out / LOCK_FILE),
         pytest.raises(TimeoutError, match="still building the caption cache"),
     ):
         build_caption_cache(
@@ -241,7 +262,7 @@ def test_wrong_types_are_refused_with_clear_errors(
     out = tmp_path / "x"
     with pytest.raises(TypeError, match="records must be a sequence of CaptionRecord"):
         build_caption_cache("a.png", out, HashEncoder())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="CaptionRecord items, got tuple"):
+    with pytest.raises(TypeError, match="expected a CaptionRecord, got tuple"):
         build_caption_cache([("a.png", "cat")], out, HashEncoder())  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"encoder must have a str \.name"):
         build_caption_cache(RECORDS, out, None)  # type: ignore[arg-type]
@@ -425,9 +446,7 @@ def test_cli_rerun_verifies_and_repairs(
     array.flush()
     del array
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    from xclr_plugin.cache import _file_sha256
-
-    manifest["data_sha256"] = _file_sha256(out / DATA_FILE)
+    manifest["data_sha256"] = file_sha256(out / DATA_FILE)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     CaptionCache.open(out, records=RECORDS, verify_checksum=True)  # looks fine...
     status, _, err = _run([str(source), "-o", str(out), "--no-progress"], capsys)
@@ -465,12 +484,11 @@ def test_read_only_folder_uses_a_finished_cache(
     built: CaptionCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shared cache this user cannot write: the lock file cannot be created."""
-    from xclr_plugin import cache as cache_module
+    class ReadOnly(filelock.FileLock):  # type: ignore[misc, valid-type]
+        def acquire(self, *args: Any, **kwargs: Any) -> Any:
+            raise PermissionError(30, "Read-only file system", str(self.lock_file))
 
-    def read_only(path: Path) -> tuple[int, bool]:
-        raise cache_module._LockUnavailable(f"[Errno 30] Read-only file system: {path}")
-
-    monkeypatch.setattr(cache_module, "_open_lock_file", read_only)
+    monkeypatch.setattr(filelock, "FileLock", ReadOnly)
     encoder = CountingEncoder()
     again = build_caption_cache(RECORDS, built.path, encoder, progress=False)
     assert encoder.embedded == 0 and again.manifest == built.manifest

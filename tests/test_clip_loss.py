@@ -173,9 +173,17 @@ class TestErrors:
         ("mode", "targets", "message"),
         [
             ("clip-text", torch.zeros(4, 3), "clip-text"),
-            ("captions", torch.zeros(3, 3), "batch_size=4"),
-            ("captions", torch.zeros(4), "integer labels"),
-            ("captions", torch.zeros(4, 3, dtype=torch.long), "integer labels"),
+            (
+                "captions",
+                torch.zeros(3, 3),
+                r"batch size 4 like image_features, got shape \(3, 3\)",
+            ),
+            ("captions", torch.zeros(4), "1-D targets are class labels .* integer"),
+            (
+                "captions",
+                torch.zeros(4, 3, dtype=torch.long),
+                "2-D targets are caption embeddings and must be floating point",
+            ),
         ],
     )
     def test_forward(self, mode: str, targets: torch.Tensor, message: str) -> None:

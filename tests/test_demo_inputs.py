@@ -154,4 +154,28 @@ def test_bad_arguments_are_usage_errors(
     with pytest.raises(SystemExit) as info:
         demo.main(argv)
     assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in _one_line_error(capsys)
+    # The Python API checks the same values when the config is made.
+    with pytest.raises(ValueError, match=message):
+        demo.config_from_args(demo.build_parser().parse_args(argv))
+
+
+def test_every_option_defaults_to_the_config_default() -> None:
+    assert (
+        demo.config_from_args(demo.build_parser().parse_args([])) == demo.DemoConfig()
+    )
+
+
+def test_non_finite_loss_is_one_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xclr_plugin.errors import NonFiniteLossError
+
+    def diverge(*args: Any, **kwargs: Any) -> None:
+        raise NonFiniteLossError("SimCLR: the loss became nan at epoch 1; lower --lr.")
+
+    monkeypatch.setattr("xclr_plugin.demo.cli.train_method", diverge)
+    tsv = _tsv(tmp_path, [0, 1])
+    rc = demo.main(["--data", str(tsv), *FAST, "--output", str(tmp_path / "o")])
+    assert rc == 1
+    assert "lower --lr" in _one_line_error(capsys)

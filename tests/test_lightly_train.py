@@ -18,9 +18,16 @@ from lightly.loss import NTXentLoss
 from omegaconf import OmegaConf
 from PIL import Image
 
+from xclr_plugin.cli import train as cli_train
 from xclr_plugin.data import XCLRCollate
-from xclr_plugin.integrations import lightly_train
-from xclr_plugin.integrations.lightly_train import load_config, prepare_targets, train
+from xclr_plugin.integrations.lightly_train import (
+    load_config,
+    parse_config,
+    prepare_targets,
+    train,
+    training,
+)
+from xclr_plugin.integrations.lightly_train.config import CriterionConfig
 from xclr_plugin.loss import XCLRLoss
 from xclr_plugin.text import TextEncoder
 
@@ -234,7 +241,7 @@ def test_ntxent_reproduces_lightly_ssl_train(
     _run_hydra_entry(lightly_cli.entry, argv, tmp_path / "lightly", monkeypatch)
     theirs, losses[:] = list(losses), []
     _run_hydra_entry(
-        lightly_train.main,
+        cli_train.main,
         [*argv, "criterion.name=ntxent"],
         tmp_path / "ours",
         monkeypatch,
@@ -321,7 +328,8 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the config error was not raised before training")
 
-    monkeypatch.setattr(lightly_train, "_fit", fail)
+    monkeypatch.setattr(training, "fit", fail)
+    monkeypatch.setattr(cli_train, "fit", fail)
 
 
 @pytest.mark.parametrize(
@@ -614,9 +622,7 @@ def test_cli_config_errors_are_one_line_and_status_2(
         if folder is not None:
             argv.append(f"input_dir={folders[folder]}")
         with pytest.raises(SystemExit) as exit_info:
-            _run_hydra_entry(
-                lightly_train.main, argv, tmp_path / f"run{i}", monkeypatch
-            )
+            _run_hydra_entry(cli_train.main, argv, tmp_path / f"run{i}", monkeypatch)
         out, err = capsys.readouterr()
         lines = [line for line in err.splitlines() if line.strip()]
         ok = (
@@ -646,7 +652,7 @@ def test_check_images_false_skips_the_image_check(
     folder = _folder_with(tmp_path, "corrupt", 4)
     (folder / "02.png").write_bytes(b"not a png")
     plans: list[Any] = []
-    monkeypatch.setattr(lightly_train, "_fit", lambda plan, _: plans.append(plan))
+    monkeypatch.setattr(training, "fit", plans.append)
     with pytest.raises(ValueError, match=r"02\.png cannot be read"):
         train(load_config([f"input_dir={folder}", *FAST]))
     # Skipped, the same file only fails inside the epoch, as lightly-ssl-train does.
@@ -656,17 +662,22 @@ def test_check_images_false_skips_the_image_check(
 
 def test_batches_across_processes(flat_folder: Path) -> None:
     """The batch checks count the images each DDP process gets."""
-    cfg = load_config([f"input_dir={flat_folder}", "loader.batch_size=1"])
-    check = lightly_train._check_batches
-    gather = {"gather_distributed": True}
-    check(cfg, gather, 16, 2)  # 1 per process, 2 gathered: legal
+    loader = parse_config(
+        load_config([f"input_dir={flat_folder}", "loader.batch_size=1"])
+    ).loader
+    check = training.check_batches
+    gather = CriterionConfig(gather_distributed=True)
+    check(loader, gather, 16, 2)  # 1 per process, 2 gathered: legal
     with pytest.raises(ValueError, match=r"loader\.batch_size=1"):
-        check(cfg, {}, 16, 2)  # not gathered: each process contrasts 1 image
-    check(cfg, {"memory_bank_size": [64, 16]}, 16, 1)  # the bank holds negatives
-    cfg = load_config([f"input_dir={flat_folder}", "loader.batch_size=12"])
+        check(loader, CriterionConfig(), 16, 2)  # not gathered: each contrasts 1 image
+    bank = CriterionConfig(memory_bank_size=[64, 16])
+    check(loader, bank, 16, 1)  # the bank holds negatives
+    loader = parse_config(
+        load_config([f"input_dir={flat_folder}", "loader.batch_size=12"])
+    ).loader
     with pytest.raises(ValueError, match=r"each of the 2 processes gets \(16 images"):
-        check(cfg, gather, 16, 2)  # 8 per process: drop_last leaves no batch
-    check(cfg, gather, 16, 1)
+        check(loader, gather, 16, 2)  # 8 per process: drop_last leaves no batch
+    check(loader, gather, 16, 1)
 
 
 def test_no_checkpoint_is_said_not_an_empty_path(
@@ -707,17 +718,17 @@ def test_non_finite_loss_stops_before_the_update(
         return loss * float("nan") if len(calls) == 2 else loss
 
     models: list[torch.nn.Module] = []
-    build = lightly_train._build_model
+    build = training.build_model
 
     def recording_build(cfg: Any) -> torch.nn.Module:
         models.append(build(cfg))
         return models[-1]
 
     monkeypatch.setattr(NTXentLoss, "forward", nan_on_second_call)
-    monkeypatch.setattr(lightly_train, "_build_model", recording_build)
+    monkeypatch.setattr(training, "build_model", recording_build)
     argv = [f"input_dir={flat_folder}", "loader.batch_size=4", *FAST]
     with pytest.raises(SystemExit) as exit_info:
-        _run_hydra_entry(lightly_train.main, argv, tmp_path / "run", monkeypatch)
+        _run_hydra_entry(cli_train.main, argv, tmp_path / "run", monkeypatch)
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     lines = [line for line in err.splitlines() if line.startswith("xclr-train: error")]

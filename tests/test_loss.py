@@ -15,11 +15,8 @@ from hypothesis import strategies as st
 from lightly.loss import NTXentLoss
 
 from xclr_plugin import XCLRLoss
-from xclr_plugin.functional import (
-    soft_target_cross_entropy,
-    target_distribution,
-    xclr_loss,
-)
+from xclr_plugin.functional import soft_cross_entropy_dense, xclr_clip_loss_chunked
+from xclr_plugin.loss import xclr_loss
 
 import _xclr_reference as ref
 
@@ -164,7 +161,7 @@ class TestSoftTargets:
             ],
             dim=1,
         )
-        expected = soft_target_cross_entropy(logits, torch.softmax(sim / 0.5, dim=1))
+        expected = soft_cross_entropy_dense(logits, torch.softmax(sim / 0.5, dim=1))
         torch.testing.assert_close(loss, expected, atol=ATOL, rtol=ATOL)
         # The second batch wrapped: entries 4, 5 hold its first two captions, 0..3 the first batch.
         assert loss_fn.bank_descriptions is not None
@@ -189,10 +186,10 @@ class TestBound:
         assert XCLRLoss()(out0, out1, captions) >= entropy.mean() - 1e-12
 
     def test_equality_when_prediction_equals_target(self) -> None:
-        target = target_distribution(torch.randn(5, 7, dtype=torch.float64), 0.3)
+        target = torch.softmax(torch.randn(5, 7, dtype=torch.float64) / 0.3, dim=1)
         entropy = -(target * target.log()).sum(1).mean()
         torch.testing.assert_close(
-            soft_target_cross_entropy(target.log() + 3.0, target),
+            soft_cross_entropy_dense(target.log() + 3.0, target),
             entropy,
             atol=ATOL,
             rtol=ATOL,
@@ -642,11 +639,24 @@ class TestFunctionalAndScalarInputs:
         with pytest.raises(ValueError, match=message):
             xclr_loss(out0, out1, torch.randn(4, 2, dtype=torch.float64), **kwargs)  # type: ignore[arg-type]
 
-    def test_target_distribution_temperature(self) -> None:
+    def test_chunked_clip_core_temperature(self) -> None:
+        z = torch.zeros(2, 2)
         with pytest.raises(
             ValueError, match="target_temperature must be a finite number > 0"
         ):
-            target_distribution(torch.zeros(2, 2), 0.0)
+            xclr_clip_loss_chunked(
+                z,
+                z,
+                z,
+                z,
+                torch.tensor(1.0),
+                None,
+                z,
+                z,
+                target_temperature=0.0,
+                rank_offset=0,
+                chunk_size=1,
+            )
 
     def test_numpy_scalars_are_accepted(self) -> None:
         import numpy as np

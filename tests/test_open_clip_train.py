@@ -36,8 +36,15 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from xclr_plugin.cache import CaptionCache, build_caption_cache
 from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.cli.openclip_train import main
 from xclr_plugin.clip_loss import XCLRClipLoss
-from xclr_plugin.integrations import open_clip_train as oct
+from xclr_plugin.integrations.open_clip_train.data import (
+    SAMPLE_INDEX_KEY,
+    attach_sample_index_hooks,
+    indexed_csv_dataset,
+)
+from xclr_plugin.integrations.open_clip_train.loss import SampleCaptionTargets
+from xclr_plugin.integrations.open_clip_train.patch import preserve_logging
 from xclr_plugin.text import TextEncoder
 
 TINY_BIAS = "xclr-test-tiny-bias"
@@ -123,7 +130,7 @@ def pretrained(data: Data) -> dict[str, Any]:
 
     ocm.train_one_epoch = train_one_epoch
     try:
-        with oct.preserve_logging():
+        with preserve_logging():
             assert ocm.main(train_args(data, "plain")) is None
     finally:
         ocm.train_one_epoch = original
@@ -139,7 +146,7 @@ def test_loss_clip_matches_plain_open_clip(
         ocm.create_model_and_transforms,
         ocd.CsvDataset,
     )
-    assert oct.main([*train_args(data, "loss-clip"), "--loss", "clip"]) is None
+    assert main([*train_args(data, "loss-clip"), "--loss", "clip"]) is None
     assert probe.loss.__class__ is ClipLoss
     got = [call["loss"] for call in probe.calls]
     assert len(got) == len(pretrained["losses"]) == 6
@@ -169,7 +176,7 @@ def test_finetune_captions_from_cache_with_accum_freq(
     cache = CaptionCache.open(data.cache)
 
     def check_text_features_belong_to_indices(model: Any, kw: dict[str, Any]) -> None:
-        indices = kw[oct.SAMPLE_INDEX_KEY]
+        indices = kw[SAMPLE_INDEX_KEY]
         with torch.no_grad():
             expected = model.encode_text(
                 tokenizer([data.captions[i] for i in indices]), normalize=True
@@ -197,14 +204,14 @@ def test_finetune_captions_from_cache_with_accum_freq(
         "--xclr-target-temperature",
         "0.2",
     ]
-    assert oct.main(args) is None
+    assert main(args) is None
 
-    assert isinstance(probe.loss, oct.SampleCaptionTargets)
+    assert isinstance(probe.loss, SampleCaptionTargets)
     assert isinstance(probe.loss.loss, XCLRClipLoss)
     assert len(probe.calls) == 6  # 3 optimizer steps x 2 micro-batches
     seen: list[int] = []
     for call in probe.calls:
-        indices = call[oct.SAMPLE_INDEX_KEY]
+        indices = call[SAMPLE_INDEX_KEY]
         assert indices.shape == (8,) and len(set(indices.tolist())) == 8
         seen += indices.tolist()
         want = dense_xclr_clip(
@@ -234,8 +241,7 @@ def test_finetune_clip_text_with_lock_image(
         "--lock-image",
     )
     assert (
-        oct.main([*args, "--loss", "xclr-clip", "--xclr-target-mode", "clip-text"])
-        is None
+        main([*args, "--loss", "xclr-clip", "--xclr-target-mode", "clip-text"]) is None
     )
     assert (
         isinstance(probe.loss, XCLRClipLoss) and probe.loss.target_mode == "clip-text"
@@ -261,13 +267,11 @@ def test_model_with_logit_bias_and_captions_embedded_at_start_up(
     data: Data, probe: Probe, encoder: TextEncoder
 ) -> None:
     args = train_args(data, "bias", model=TINY_BIAS)
-    assert oct.main([*args, "--loss", "xclr-clip"]) is None
-    assert isinstance(probe.loss, oct.SampleCaptionTargets)
+    assert main([*args, "--loss", "xclr-clip"]) is None
+    assert isinstance(probe.loss, SampleCaptionTargets)
     first = probe.calls[0]
     assert first["logit_bias"].item() == -10.0
-    descriptions = encoder.encode(
-        [data.captions[i] for i in first[oct.SAMPLE_INDEX_KEY]]
-    )
+    descriptions = encoder.encode([data.captions[i] for i in first[SAMPLE_INDEX_KEY]])
     want = dense_xclr_clip(
         first["image_features"].double(),
         first["text_features"].double(),
@@ -283,7 +287,7 @@ def test_model_with_logit_bias_and_captions_embedded_at_start_up(
 
 def test_loss_siglip_gets_the_siglip_model_init(data: Data, probe: Probe) -> None:
     reference: Any = SigLipLoss()  # recomputes the recorded step
-    assert oct.main([*train_args(data, "loss-siglip"), "--loss", "siglip"]) is None
+    assert main([*train_args(data, "loss-siglip"), "--loss", "siglip"]) is None
     assert probe.loss.__class__ is SigLipLoss
     first = probe.calls[0]
     assert first["logit_bias"].item() == -10.0  # as open_clip_train --siglip
@@ -298,7 +302,7 @@ def test_loss_siglip_gets_the_siglip_model_init(data: Data, probe: Probe) -> Non
 def test_sample_index_hooks_and_dataset(data: Data) -> None:
     tokenizer = open_clip.get_tokenizer(TINY)
     model, preprocess, _ = open_clip.create_model_and_transforms(TINY, output_dict=True)
-    dataset = oct._indexed_csv_dataset(ocd.CsvDataset)(
+    dataset = indexed_csv_dataset(ocd.CsvDataset)(
         str(data.train), preprocess, "filepath", "title", tokenizer=tokenizer
     )
     image, tokens = dataset[5]
@@ -307,16 +311,16 @@ def test_sample_index_hooks_and_dataset(data: Data) -> None:
     )
     images = torch.stack([image, dataset[7][0]])
     texts = torch.stack([tokens, dataset[7][1]])
-    oct.SampleIndexHooks(model.context_length).attach(model)
+    attach_sample_index_hooks(model, model.context_length)
     want = model(images, texts[:, :-1])
     got = model(images, texts)
-    assert torch.equal(got[oct.SAMPLE_INDEX_KEY], torch.tensor([5, 7]))
+    assert torch.equal(got[SAMPLE_INDEX_KEY], torch.tensor([5, 7]))
     torch.testing.assert_close(
         got["text_features"], want["text_features"], rtol=0, atol=0
     )
     model.eval()
-    assert oct.SAMPLE_INDEX_KEY not in model(images, texts)
-    assert oct.SAMPLE_INDEX_KEY not in model(images, texts[:, :-1])
+    assert SAMPLE_INDEX_KEY not in model(images, texts)
+    assert SAMPLE_INDEX_KEY not in model(images, texts[:, :-1])
 
 
 # -- errors before training -------------------------------------------------------------
@@ -419,7 +423,7 @@ def test_bad_input_fails_before_training(
         args.remove("NOTRAIN")
         i = args.index("--train-data")
         del args[i : i + 2]
-    assert oct.main(args) == 2
+    assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (
         data.root / "logs" / name
@@ -432,7 +436,7 @@ def test_existing_run_name_fails_before_anything(
     run = data.root / "logs" / "taken"
     run.mkdir(parents=True)
     (run / "out.log").write_text("an earlier run\n")
-    assert oct.main([*train_args(data, "taken"), "--loss", "clip"]) == 2
+    assert main([*train_args(data, "taken"), "--loss", "clip"]) == 2
     err = capsys.readouterr().err
     assert (
         err.startswith("xclr-openclip-train: error: the experiment") and "--name" in err
@@ -444,13 +448,13 @@ def test_other_open_clip_major_version_is_refused(
     data: Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(open_clip, "__version__", "4.0.0")
-    assert oct.main([*train_args(data, "v4"), "--loss", "xclr-clip"]) == 2
+    assert main([*train_args(data, "v4"), "--loss", "xclr-clip"]) == 2
     assert "supports open_clip_torch 3.x" in capsys.readouterr().err
 
 
 def test_help_lists_both_flag_sets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        oct.main(["--help"])
+        main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert (
@@ -474,7 +478,7 @@ def test_non_finite_loss_stops_training_before_the_update(
     probe.on_call = poison_logit_scale
     name = "nan-loss"
     args = [*train_args(data, name), "--loss", "xclr-clip", "--xclr-caption-cache"]
-    assert oct.main([*args, str(data.cache)]) == 1
+    assert main([*args, str(data.cache)]) == 1
     all_err = capsys.readouterr().err
     err = all_err.splitlines()[-1]  # after open_clip's log lines
     assert err.startswith("xclr-openclip-train: error: non-finite loss")
@@ -506,13 +510,13 @@ def test_torchcompile_captions_mode(
     torch._dynamo.reset()
     name = "compile"
     args = [*train_args(data, name), "--torchcompile", "--loss", "xclr-clip"]
-    assert oct.main([*args, "--xclr-caption-cache", str(data.cache)]) is None
+    assert main([*args, "--xclr-caption-cache", str(data.cache)]) is None
     assert len(compiled) == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled
     cache = CaptionCache.open(data.cache)
     assert len(probe.calls) == 6
     for call in probe.calls:
-        indices = call[oct.SAMPLE_INDEX_KEY]
+        indices = call[SAMPLE_INDEX_KEY]
         assert indices.shape == (4,)
         want = dense_xclr_clip(
             call["image_features"].double(),
@@ -530,7 +534,7 @@ def test_amp_bf16_captions_mode(data: Data, probe: Probe) -> None:
     args = train_args(data, name)
     args[args.index("--precision") + 1] = "amp_bf16"
     args += ["--loss", "xclr-clip", "--xclr-caption-cache", str(data.cache)]
-    assert oct.main(args) is None
+    assert main(args) is None
     cache = CaptionCache.open(data.cache)
     assert len(probe.calls) == 6
     for call in probe.calls:
@@ -539,7 +543,7 @@ def test_amp_bf16_captions_mode(data: Data, probe: Probe) -> None:
             call["image_features"].double(),
             call["text_features"].double(),
             call["logit_scale"].double(),
-            descriptions=cache[call[oct.SAMPLE_INDEX_KEY]].double(),
+            descriptions=cache[call[SAMPLE_INDEX_KEY]].double(),
             target_temperature=0.1,
         )
         # products may follow autocast (bf16: 8 bits of mantissa)

@@ -30,10 +30,12 @@ from _openclip_helpers import (
 )
 
 from xclr_plugin.cache import CaptionCache, build_caption_cache
-from xclr_plugin.cache import main as embed_main
+from xclr_plugin.captions.shards import expand_shard_urls, read_webdataset_captions
+from xclr_plugin.cli.embed_captions import main as embed_main
+from xclr_plugin.cli.openclip_train import main
 from xclr_plugin.clip_loss import XCLRClipLoss
-from xclr_plugin.integrations import open_clip_train as oct
-from xclr_plugin.shards import expand_shard_urls, read_webdataset_captions
+from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY, KeyToRow
+from xclr_plugin.integrations.open_clip_train.loss import SampleCaptionTargets
 from xclr_plugin.text import TextEncoder
 
 
@@ -155,7 +157,7 @@ def first_run(shards: Shards) -> Path:
     """An earlier run on the shards (captions embedded at start-up, no cache)."""
     name = "wds-first"
     args = wds_args(shards, name, "--workers", "0", "--loss", "xclr-clip")
-    assert oct.main(args) is None
+    assert main(args) is None
     return checkpoint(shards.logs, name)
 
 
@@ -168,7 +170,7 @@ def test_finetune_from_checkpoint_with_workers_resampling_and_accum(
     keys = cache.filenames
 
     def text_features_are_those_samples(model: Any, kw: dict[str, Any]) -> None:
-        captions = [shards.captions[keys[i]] for i in kw[oct.SAMPLE_INDEX_KEY]]
+        captions = [shards.captions[keys[i]] for i in kw[SAMPLE_INDEX_KEY]]
         with torch.no_grad():
             want = model.encode_text(tokenizer(captions), normalize=True)
         torch.testing.assert_close(
@@ -184,15 +186,15 @@ def test_finetune_from_checkpoint_with_workers_resampling_and_accum(
         "--loss", "xclr-clip", "--xclr-caption-cache", str(shards.cache),
         "--xclr-target-temperature", "0.2",
     )  # fmt: skip
-    assert oct.main(args) is None
+    assert main(args) is None
 
-    assert isinstance(probe.loss, oct.SampleCaptionTargets)
+    assert isinstance(probe.loss, SampleCaptionTargets)
     assert isinstance(probe.loss.loss, XCLRClipLoss)
     # 32 samples / batch 4 = 8 batches = 4 optimizer steps x 2 micro-batches
     assert len(probe.calls) == 8
     seen: set[str] = set()
     for call in probe.calls:
-        indices = call[oct.SAMPLE_INDEX_KEY]
+        indices = call[SAMPLE_INDEX_KEY]
         assert indices.shape == (8,)
         batch_keys = [keys[i] for i in indices]
         seen.update(batch_keys)
@@ -223,7 +225,7 @@ def test_cache_missing_a_key_stops_before_training(
     name = "wds-missing"
     args = wds_args(shards, name, "--workers", "0", "--loss", "xclr-clip",
                     "--xclr-caption-cache", str(partial))  # fmt: skip
-    assert oct.main(args) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after the shard-reading bar
     assert err.startswith("xclr-openclip-train: error: ")
     assert "no caption embedding for 10 of the 40 samples" in err
@@ -242,12 +244,10 @@ def test_subset_of_the_cache_shards_trains(shards: Shards, probe: Any) -> None:
         *common_args(shards.logs, name, "--workers", "0", "--loss", "xclr-clip",
                      "--xclr-caption-cache", str(shards.cache)),
     ]  # fmt: skip
-    assert oct.main(args) is None
+    assert main(args) is None
     keys = CaptionCache.open(shards.cache).filenames
     for call in probe.calls:
-        assert all(
-            keys[i][:5] in ("00001", "00002") for i in call[oct.SAMPLE_INDEX_KEY]
-        )
+        assert all(keys[i][:5] in ("00001", "00002") for i in call[SAMPLE_INDEX_KEY])
 
 
 def test_key_missing_at_load_time_names_the_key() -> None:
@@ -259,7 +259,7 @@ def test_key_missing_at_load_time_names_the_key() -> None:
                 return 7
             raise ValueError(key)
 
-    stage = oct.KeyToRow(Table())
+    stage = KeyToRow(Table())
     tokens = torch.tensor([49406, 320, 49407, 0])
     image, text = stage({"__key__": "known", "image": "img", "text": tokens})
     assert image == "img" and text.tolist() == [*tokens.tolist(), 7]
@@ -288,7 +288,7 @@ def test_bad_webdataset_runs_fail_before_training(
     replace = {"NOCACHE": str(shards.root / "nothing"), "EMPTY": str(empty)}
     extra = [replace.get(e, e) for e in extra]
     args = wds_args(shards, name, *extra)  # a later flag overrides the default
-    assert oct.main(args) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("xclr-openclip-train: error: ") and message in err, err
     assert not (shards.logs / name).exists()
@@ -301,7 +301,7 @@ def test_webdataset_without_sample_count_fails_before_training(
     args = wds_args(shards, name, "--loss", "clip")
     i = args.index("--train-num-samples")
     del args[i : i + 2]
-    assert oct.main(args) == 2
+    assert main(args) == 2
     assert "needs --train-num-samples" in capsys.readouterr().err
     assert not (shards.logs / name).exists()
     assert not os.path.exists(shards.root / "shards" / "sizes.json")

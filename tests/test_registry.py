@@ -22,6 +22,7 @@ from xclr_plugin.registry import (
     create_loss,
     list_losses,
     loss_info,
+    parameter_names,
 )
 
 OUR_NAMES = ["clip", "dcl", "dclw", "ntxent", "siglip", "supcon", "xclr", "xclr-clip"]
@@ -327,3 +328,27 @@ def test_supcon_takes_chunk_size() -> None:
 
     loss_fn = create_loss("supcon", chunk_size=4)
     assert loss_fn.chunk_size == 4
+
+
+def test_parameter_names_is_the_one_introspection_helper() -> None:
+    """Keyword parameters in signature order; None where anything may be accepted."""
+
+    def factory(a: int, /, b: int, *args: int, c: int = 0, **kwargs: int) -> None: ...
+
+    def keyword_only(a: int, /, b: int, *args: int, c: int = 0) -> None: ...
+
+    assert parameter_names(XCLRLoss) == [
+        "temperature",
+        "target_temperature",
+        "memory_bank_size",
+        "gather_distributed",
+        "chunk_size",
+    ]
+    assert parameter_names(NTXentLoss) == [
+        "temperature",
+        "memory_bank_size",
+        "gather_distributed",
+    ]
+    assert parameter_names(keyword_only) == ["b", "c"]
+    assert parameter_names(factory) is None  # **kwargs
+    assert parameter_names(max) is None  # a builtin without a signature

@@ -1,16 +1,11 @@
 """Atomic file writes: a file is either the old one or the complete new one.
 
-Every writer in the package (caption cache, demo results, benchmarks) goes through
-:func:`atomic_path`: write to a temporary file beside the target, flush it to disk,
-``os.replace`` it over the target, then sync the folder so the rename survives a crash.
-
-The temporary file is created with mode ``0o666`` filtered by the process umask, like
-any file ``open(path, "w")`` creates, so the published file has the permissions the
-user expects (``tempfile.mkstemp`` would make it ``0600`` and lock other users of a
-shared cache out). A writer killed mid-write (``SIGKILL``, power loss) cannot remove
-its temporary file; :func:`remove_temporaries` deletes such leftovers, and callers run
-it when they know no other writer of the folder is alive (the caption cache does, under
-its build lock).
+Every writer of the package (caption cache, demo results, benchmarks) writes a
+:func:`tempfile.mkstemp` file beside the target, syncs it, ``os.replace``-s it over the
+target and syncs the folder. The file gets the mode any ``open(path, "w")`` gives
+(``0o666`` minus the umask), not mkstemp's ``0600``, which would lock other users of a
+shared cache out. A writer killed mid-write leaves its temporary file;
+:func:`remove_temporaries` deletes such leftovers when no writer can be alive.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,47 +22,26 @@ __all__ = [
     "atomic_path",
     "fsync_dir",
     "remove_temporaries",
-    "temporary_name_pattern",
     "write_json_atomic",
     "write_text_atomic",
 ]
 
-_TMP_SUFFIX = ".tmp"
-
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Makes renames inside ``path`` durable (no-op where unsupported)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def temporary_name_pattern(name: str) -> str:
-    """The glob pattern of the temporary files :func:`atomic_path` makes for ``name``."""
-    return f".{name}.*{_TMP_SUFFIX}"
-
-
-def _create_temporary(target: Path) -> Path:
-    """Creates an empty, new temporary file beside ``target`` (mode 0o666 & ~umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
         try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:  # pragma: no cover - 2**32 names
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(  # pragma: no cover
-        f"Could not create a temporary file beside {target}."
-    )
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    # Python has no getter: set and restore (briefly, to a mask that exposes nothing).
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -75,7 +49,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; moves it into place if the block succeeds.
 
     If the block raises, the temporary file is removed and ``path`` is left untouched.
-    The file gets the permissions of a newly created file (``0o666`` minus the umask).
 
     Raises:
         IsADirectoryError: If ``path`` is an existing folder.
@@ -84,8 +57,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     if target.is_dir():
         raise IsADirectoryError(f"Cannot write {target}: it is a directory.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temporary(target)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+    )
+    tmp = Path(name)
+    os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -93,7 +71,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+            tmp.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -110,25 +88,18 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 def remove_temporaries(
     folder: str | os.PathLike[str], names: Iterable[str]
 ) -> list[Path]:
-    """Deletes the temporary files that interrupted writes of ``names`` left in ``folder``.
+    """Deletes the temporary files interrupted writes of ``names`` left in ``folder``.
 
-    Only call this when no writer of these files can be running (e.g. under a lock):
-    a live writer's temporary file would be deleted under it.
-
-    Args:
-        folder: The folder the files are written to.
-        names: Target file names (``"manifest.json"``, ...).
+    Only call it when no writer of these files can be running (e.g. under a lock).
 
     Returns:
         The paths removed.
     """
-    removed: list[Path] = []
-    root = Path(folder)
+    removed = []
     for name in names:
-        for tmp in root.glob(temporary_name_pattern(name)):
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
             if tmp.is_file() and not tmp.is_symlink():
-                # Gone already, or not ours to delete (a read-only folder): skip it.
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # gone, or not ours to delete
                     tmp.unlink()
                     removed.append(tmp)
     return removed

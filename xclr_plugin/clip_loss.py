@@ -1,33 +1,27 @@
 """Image-text X-CLR in open_clip's conventions: ``XCLRClipLoss`` (XCLR_SPEC.md section 2).
 
-A drop-in for :class:`open_clip.loss.ClipLoss`: same constructor options, same forward
-signature, same distributed layouts (``local_loss``, ``gather_with_grad``). The one-hot
-target of CLIP becomes a soft target ``G = row-softmax(S / tau_s)`` built from how similar
-the samples' descriptions are. Without descriptions (identity graph) the loss *is*
-``ClipLoss``: the same code path, so values and gradients are identical.
-
-The computation is split in small methods (gathering, logits, targets, loss) in the style
-of open_clip's ``loss.py``, so that variants (e.g. a memory-efficient chunked path) only
-replace one of them.
+A drop-in for :class:`open_clip.loss.ClipLoss`: same constructor options, forward
+signature and distributed layouts. Without descriptions (identity graph) it runs
+``ClipLoss``'s code path, so values and gradients are identical. The computation is
+split in small methods (gathering, logits, targets, loss), as in open_clip's ``loss.py``.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xclr_plugin.functional import (
+from xclr_plugin.functional import soft_cross_entropy_dense, xclr_clip_loss_chunked
+from xclr_plugin.loss import (
+    _compute_dtype,
+    _descriptions,
+    gather_without_grad,
     similarity_from_targets,
-    soft_cross_entropy_dense,
-    target_distribution,
     validate_chunk_size,
+    validate_targets,
     validate_temperature,
-    xclr_clip_loss_chunked,
 )
-from xclr_plugin.loss import gather_without_grad
 
 try:
     from open_clip.loss import ClipLoss, gather_features
@@ -37,67 +31,45 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         'Install the openclip extra: pip install "xclr-plugin[openclip]"'
     ) from err
 
-__all__ = ["TARGET_MODES", "TargetMode", "XCLRClipLoss"]
-
-TargetMode = Literal["captions", "clip-text"]
-
-#: Where the soft targets come from: ``captions`` uses the ``targets`` passed to forward
-#: (caption embeddings of a frozen sentence encoder, or labels; None = identity graph),
-#: ``clip-text`` uses the batch's own text features, detached.
+#: Where the targets come from: ``captions``, the ``targets`` passed to forward (None:
+#: identity graph); ``clip-text``, the batch's own text features, detached.
 TARGET_MODES: tuple[str, ...] = ("captions", "clip-text")
 
 
 class XCLRClipLoss(ClipLoss):
     """X-Sample Contrastive Loss for image-text models, with ``ClipLoss``'s interface.
 
-    With image features ``u_i``, text features ``v_i`` (L2-normalised, as open_clip's
-    models return them), the exponentiated ``logit_scale`` ``s`` and an optional
-    ``logit_bias`` ``b``:
-
-    - logits ``L = s * U V^T + b``, for images (rows) and texts (``L^T``),
-    - targets ``G = row-softmax(S / target_temperature)``, where ``S`` is the cosine
-      similarity of the samples' descriptions: caption embeddings or labels passed as
-      ``targets`` (``target_mode="captions"``), or the detached text features
-      (``target_mode="clip-text"``),
-    - loss ``1/2 [CE_soft(L, G) + CE_soft(L^T, G)]``.
-
-    With ``target_mode="captions"`` and ``targets=None`` (the identity graph) this is
-    exactly :class:`open_clip.loss.ClipLoss`. Logits, targets and log-softmax are
-    computed in float32 (float64 for float64 features), also under autocast.
-
-    Distributed (``world_size > 1``, an initialised process group): features are
-    gathered with ``open_clip.loss.gather_features`` and the descriptions without
-    gradient in the same layout. With ``local_loss`` the logits are
-    ``[B_local, B_global]`` and the target rows are those of the local samples.
+    With normalised image and text features ``u_i``, ``v_i``, the exponentiated
+    ``logit_scale`` ``s`` and an optional ``logit_bias`` ``b``: logits
+    ``L = s * U V^T + b`` (``L^T`` for texts), targets
+    ``G = row-softmax(S / target_temperature)`` with ``S`` the cosine similarity of the
+    samples' descriptions (``targets`` passed to forward with
+    ``target_mode="captions"``, or the detached text features with ``"clip-text"``),
+    loss ``1/2 [CE_soft(L, G) + CE_soft(L^T, G)]``. With ``targets=None`` in captions
+    mode it is exactly :class:`open_clip.loss.ClipLoss`. Computed in float32 (float64
+    for float64 features), also under autocast; distributed, the descriptions are
+    gathered (without gradient) in ``gather_features``' layout.
 
     - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
     - [1] CLIP, 2021, https://arxiv.org/abs/2103.00020
 
     Args:
-        local_loss: Score only the local samples against the global batch.
-        gather_with_grad: Gather features with gradient (needed for the exact global
-            gradient with ``local_loss``).
-        cache_labels: Cache the identity labels between calls (as ``ClipLoss``).
-        rank: Rank of this process.
-        world_size: Number of processes.
+        local_loss, gather_with_grad, cache_labels, rank, world_size: As ``ClipLoss``.
         target_temperature: ``tau_s``, finite and > 0.
         target_mode: ``"captions"`` or ``"clip-text"`` (see :data:`TARGET_MODES`).
-        use_horovod: Must be False (accepted so that open_clip's ``ClipLoss``
-            arguments can be passed unchanged).
-        chunk_size: If set, logits, targets and gradients are computed for this many
-            rows at a time, so memory grows linearly with the batch instead of
-            quadratically (same values and gradients). None: dense, ClipLoss's path.
+        use_horovod: Must be False (accepted so that ``ClipLoss``'s arguments pass).
+        chunk_size: If set, ``chunk_size`` rows at a time: memory linear in the batch,
+            same values and gradients. None: dense, ``ClipLoss``'s path.
 
     Raises:
-        ValueError: For a bad ``target_temperature`` or ``target_mode``, or horovod.
+        ValueError: For a bad ``target_temperature``, ``target_mode`` or
+            ``chunk_size``, or horovod.
 
     Examples:
         >>> loss_fn = XCLRClipLoss(target_temperature=0.1)
-        >>> out = model(images, texts)                        # open_clip, output_dict=True
-        >>> captions = text_encoder.encode(batch_captions)    # (B, Dt), frozen
-        >>> loss = loss_fn(**out, targets=captions)
-        >>> loss = loss_fn(**out)                             # identity: == ClipLoss
-        >>> loss_fn = XCLRClipLoss(target_mode="clip-text")   # S from the text features
+        >>> out = model(images, texts)  # open_clip, output_dict=True
+        >>> loss = loss_fn(**out, targets=text_encoder.encode(batch_captions))
+        >>> loss = loss_fn(**out)  # identity: == ClipLoss
     """
 
     def __init__(
@@ -121,13 +93,7 @@ class XCLRClipLoss(ClipLoss):
             raise ValueError(
                 f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}."
             )
-        super().__init__(
-            local_loss=local_loss,
-            gather_with_grad=gather_with_grad,
-            cache_labels=cache_labels,
-            rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size)
         self.target_temperature = validate_temperature(
             "target_temperature", target_temperature
         )
@@ -160,11 +126,9 @@ class XCLRClipLoss(ClipLoss):
             text_features: ``(B, D)`` normalised text features of this process.
             logit_scale: The exponentiated logit scale (a scalar tensor).
             logit_bias: Optional logit bias, added to all logits.
-            output_dict: Return ``{"contrastive_loss": loss}`` (open_clip's training
-                loop sums every value of the dict into the total loss).
+            output_dict: Return ``{"contrastive_loss": loss}``, as ``ClipLoss``.
             targets: Only with ``target_mode="captions"``: caption embeddings
-                ``(B, Dt)`` float, labels ``(B,)`` integer, or None for the identity
-                graph (``ClipLoss``).
+                ``(B, Dt)`` float, labels ``(B,)`` integer, or None (``ClipLoss``).
 
         Returns:
             The scalar loss, or ``{"contrastive_loss": loss}``.
@@ -175,27 +139,18 @@ class XCLRClipLoss(ClipLoss):
         # (3-5x faster on GPUs); softmax, targets and sums stay float32.
         mm_dtype = _autocast_dtype(device_type)
         if mm_dtype is None:
-            image_features = _to_compute_dtype(image_features)
-            text_features = _to_compute_dtype(text_features)
-        all_image_features, all_text_features = self.gather(
-            image_features, text_features
-        )
-        features = (
-            image_features,
-            text_features,
-            all_image_features,
-            all_text_features,
-            logit_scale,
-            logit_bias,
-        )
+            image_features = image_features.to(_compute_dtype(image_features.dtype))
+            text_features = text_features.to(_compute_dtype(text_features.dtype))
+        everyone = self.gather(image_features, text_features)
+        features = (image_features, text_features, *everyone, logit_scale, logit_bias)
         if self.chunk_size is not None:
             with torch.autocast(device_type=device_type, enabled=False):
-                loss = self._chunked_loss(*features, targets, mm_dtype=mm_dtype)
+                loss = self._chunked_loss(features, targets, mm_dtype)
             return {"contrastive_loss": loss} if output_dict else loss
         logits_per_image, logits_per_text = self.logits_from_features(*features)
         with torch.no_grad():
             descriptions = self.row_and_column_descriptions(
-                text_features, all_text_features, targets
+                text_features, everyone[1], targets
             )
             # The similarity is a product too: it follows autocast.
             similarity = (
@@ -208,18 +163,13 @@ class XCLRClipLoss(ClipLoss):
             target_probs = None
             if similarity is not None:
                 # softmax(S / tau_s) in place: S is a fresh no-grad buffer.
-                target_probs = torch.softmax(
-                    similarity.to(logits_per_image.dtype).mul_(
-                        1.0 / self.target_temperature
-                    ),
-                    dim=1,
-                )
+                scaled = similarity.to(logits_per_image.dtype)
+                scaled.mul_(1.0 / self.target_temperature)
+                target_probs = torch.softmax(scaled, dim=1)
             loss = self.loss_from_logits(
                 logits_per_image, logits_per_text, target_probs
             )
         return {"contrastive_loss": loss} if output_dict else loss
-
-    # -- features and logits -------------------------------------------------------
 
     def gather(
         self, image_features: Tensor, text_features: Tensor
@@ -258,42 +208,6 @@ class XCLRClipLoss(ClipLoss):
             logits_per_text = logits_per_text + logit_bias
         return logits_per_image, logits_per_text
 
-    def get_logits(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``ClipLoss.get_logits``: gathers (if distributed), then the logits."""
-        everyone = self.gather(image_features, text_features)
-        return self.logits_from_features(
-            image_features, text_features, *everyone, logit_scale, logit_bias
-        )
-
-    # -- targets -------------------------------------------------------------------
-
-    def get_target_probs(
-        self,
-        text_features: Tensor,
-        all_text_features: Tensor,
-        targets: Tensor | None,
-        dtype: torch.dtype,
-    ) -> Tensor | None:
-        """The soft target ``G`` for the logit rows, or None for the identity graph.
-
-        Rows are the samples scored by this process (local with ``local_loss`` or a
-        single process, global otherwise); columns are all samples. The same ``G``
-        serves both directions because ``S`` is symmetric.
-        """
-        descriptions = self.row_and_column_descriptions(
-            text_features, all_text_features, targets
-        )
-        if descriptions is None:
-            return None
-        similarity = similarity_from_targets(*descriptions).to(dtype)
-        return target_distribution(similarity, self.target_temperature)
-
     def row_and_column_descriptions(
         self, text_features: Tensor, all_text_features: Tensor, targets: Tensor | None
     ) -> tuple[Tensor, Tensor] | None:
@@ -309,25 +223,17 @@ class XCLRClipLoss(ClipLoss):
         return rows, everyone
 
     def _chunked_loss(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        all_image_features: Tensor,
-        all_text_features: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None,
-        targets: Tensor | None,
-        mm_dtype: torch.dtype | None = None,
+        self, features: tuple, targets: Tensor | None, mm_dtype: torch.dtype | None
     ) -> Tensor:
-        """The same loss as the dense path, ``chunk_size`` rows at a time."""
-        if mm_dtype is not None:
-            # Accumulate in float32; only the products run in ``mm_dtype``.
-            image_features, text_features = (
-                image_features.float(),
-                text_features.float(),
-            )
-            all_image_features = all_image_features.float()
-            all_text_features = all_text_features.float()
+        """The same loss as the dense path, ``chunk_size`` rows at a time.
+
+        ``features``: the local and gathered image and text features, the logit scale
+        and bias. With ``mm_dtype`` only the products run in it; sums stay float32.
+        """
+        *four, logit_scale, logit_bias = features
+        image_features, text_features, all_image_features, all_text_features = (
+            f if mm_dtype is None else f.float() for f in four
+        )
         assert self.chunk_size is not None
         if self.world_size > 1 and not self.local_loss:
             image_rows, text_rows, offset = all_image_features, all_text_features, 0
@@ -339,12 +245,7 @@ class XCLRClipLoss(ClipLoss):
             text_features, all_text_features, targets
         )
         if descriptions is not None:
-            row_desc, col_desc = (
-                F.normalize(d.to(image_features.dtype), dim=1)
-                if d.is_floating_point()
-                else d
-                for d in descriptions
-            )
+            row_desc, col_desc = _descriptions(*descriptions, image_features.dtype)
         return xclr_clip_loss_chunked(
             image_rows,
             text_rows,
@@ -359,8 +260,6 @@ class XCLRClipLoss(ClipLoss):
             chunk_size=self.chunk_size,
             mm_dtype=mm_dtype,
         )
-
-    # -- loss ----------------------------------------------------------------------
 
     def loss_from_logits(
         self,
@@ -425,34 +324,7 @@ class XCLRClipLoss(ClipLoss):
                 "targets must be None with target_mode='clip-text' (the targets come from "
                 "the text features); use target_mode='captions' to pass descriptions."
             )
-        if not isinstance(targets, Tensor):
-            raise ValueError(
-                f"targets must be a torch.Tensor or None, got {type(targets).__name__}."
-            )
-        if targets.ndim not in (1, 2) or targets.shape[0] != image_features.shape[0]:
-            raise ValueError(
-                "targets must be caption embeddings (batch_size, text_dim) or labels "
-                f"(batch_size,) with batch_size={image_features.shape[0]}, got shape "
-                f"{tuple(targets.shape)}."
-            )
-        if (targets.ndim == 2) != targets.is_floating_point():
-            raise ValueError(
-                "targets must be float caption embeddings (batch_size, text_dim) or "
-                f"integer labels (batch_size,), got shape {tuple(targets.shape)} of "
-                f"dtype {targets.dtype}."
-            )
-        if targets.ndim == 2 and targets.shape[1] < 2:
-            raise ValueError(
-                "Caption embeddings need text_dim >= 2, got targets of shape "
-                f"{tuple(targets.shape)}: the cosine similarity of 1-D embeddings is "
-                "only -1, 0 or +1. If these are class labels, pass them as a 1-D "
-                "integer tensor: targets.squeeze(1).long()."
-            )
-        if targets.device != image_features.device:
-            raise ValueError(
-                f"targets must be on the device of the features ({image_features.device}), "
-                f"got {targets.device}."
-            )
+        validate_targets(targets, image_features, "image_features")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -473,10 +345,3 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return torch.is_autocast_enabled()
-
-
-def _to_compute_dtype(features: Tensor) -> Tensor:
-    """float64 stays float64, float32 stays as is; half precisions become float32."""
-    if features.dtype in (torch.float32, torch.float64):
-        return features
-    return features.float()

@@ -67,14 +67,7 @@ class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
         loader: Callable[[str], Any] = default_loader,
         check_files: bool = True,
     ) -> None:
-        """Builds the dataset.
-
-        Args:
-            records: Caption records (see :mod:`xclr_plugin.captions`).
-            root: Folder the file names are relative to; None uses them as written.
-            transform: Image transform.
-            loader: Image loader.
-            check_files: Check now that every image file exists.
+        """Builds the dataset (with ``check_files``, checking every image exists).
 
         Raises:
             ValueError: On empty captions or duplicate file names.
@@ -104,19 +97,9 @@ class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
         transform: Callable[[Any], Any] | None = None,
         **reader_kwargs: Any,
     ) -> CaptionedImageDataset:
-        """Reads a caption source (see :func:`xclr_plugin.captions.read_captions`).
-
-        Args:
-            source: CSV/TSV, JSONL, image folder with a sidecar, or labelled folder.
-            fmt: Caption format, or ``"auto"``.
-            root: Image folder; defaults to ``source`` for folder sources and to
-                paths as written for files.
-            transform: Image transform.
-            **reader_kwargs: Passed to the reader (``sep``, ``img_key``, ...).
-
-        Returns:
-            The dataset.
-        """
+        """Reads a caption source with :func:`xclr_plugin.captions.read_captions`
+        (``reader_kwargs`` go to the reader); ``root`` defaults to ``source`` for
+        folder sources and to the paths as written for files."""
         records = read_captions(source, fmt, **reader_kwargs)
         if root is None and os.path.isdir(source):
             root = source
@@ -190,14 +173,11 @@ class XCLRCollate:
     def __init__(
         self, captions: CaptionLookup | None = None, *, use_labels: bool = False
     ) -> None:
-        """Chooses the targets.
-
-        Args:
-            captions: Caption embeddings by file name (cache or in-memory table).
-            use_labels: Use the items' integer labels instead.
+        """Chooses the targets: ``captions`` (a cache or table) or ``use_labels``.
 
         Raises:
-            ValueError: If both ``captions`` and ``use_labels`` are given.
+            ValueError: If both are given.
+            TypeError: If ``captions`` has no ``lookup``.
         """
         if captions is not None and use_labels:
             raise ValueError("Pass either captions or use_labels=True, not both.")
@@ -212,22 +192,15 @@ class XCLRCollate:
 
     def __repr__(self) -> str:
         """Returns a short description."""
-        return f"{type(self).__name__}(captions={self.captions!r}, use_labels={self.use_labels})"
+        kind = type(self).__name__
+        return f"{kind}(captions={self.captions!r}, use_labels={self.use_labels})"
 
     def __call__(
         self, batch: Sequence[tuple[Sequence[Tensor], int, str]]
     ) -> tuple[list[Tensor], Tensor | None, list[str]]:
-        """Collates a batch.
-
-        Args:
-            batch: Items ``(views, target, filename)``; ``views`` a list of tensors.
-
-        Returns:
-            ``(views, targets, filenames)``.
-
-        Shape:
-            - views: list of ``(B, C, H, W)``
-            - targets: ``(B, Dt)`` float32, ``(B,)`` int64, or None
+        """Collates items ``(views, target, filename)`` into ``(views, targets,
+        filenames)``: views a list of ``(B, C, H, W)``, targets ``(B, Dt)`` float32,
+        ``(B,)`` int64 or None.
 
         Raises:
             TypeError: If an item's views are not a list/tuple of tensors.

@@ -1,85 +1,24 @@
-"""Functional X-CLR: tensors in, tensors out, no state and no process groups.
+"""Image-text X-CLR math: soft-target cross-entropy and the chunked loss (torch only).
 
-The two-view core (:func:`xclr_loss`) and the description similarity live in
-:mod:`xclr_plugin.loss`, which must stay importable with torch and lightly alone (it is
-the file proposed upstream to lightly); they are re-exported here so that every pure
-function has one public home. The helpers below serve the image-text loss.
+The two-view core and the description helpers live in :mod:`xclr_plugin.loss`, which
+stays importable with torch and lightly alone (it is proposed upstream to lightly).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from xclr_plugin.loss import (
-    _softmax_,
-    similarity_from_targets,
-    validate_chunk_size,
-    validate_temperature,
-    xclr_loss,
-)
-
-__all__ = [
-    "similarity_from_targets",
-    "soft_cross_entropy_dense",
-    "soft_target_cross_entropy",
-    "target_distribution",
-    "validate_chunk_size",
-    "validate_temperature",
-    "xclr_loss",
-]
-
-
-def target_distribution(
-    similarity: Tensor, target_temperature: float, mask: Tensor | None = None
-) -> Tensor:
-    """Row-wise ``softmax(S / tau_s)``: the soft target ``G``.
-
-    Args:
-        similarity: ``(n, m)`` description similarities ``S``.
-        target_temperature: ``tau_s > 0``; as it goes to 0 the rows become uniform over
-            their most similar columns (the SupCon limit for labels).
-        mask: Optional bool ``(n, m)``; ``True`` entries get probability exactly 0.
-
-    Returns:
-        ``(n, m)``, rows summing to 1.
-    """
-    logits = similarity / validate_temperature("target_temperature", target_temperature)
-    if mask is not None:
-        logits = logits.masked_fill(mask, -math.inf)
-    return torch.softmax(logits, dim=1)
-
-
-def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
-    """``-(1/n) sum_i sum_j G_ij log softmax_j(l_ij)``: mean soft-target cross-entropy.
-
-    Entries with zero target probability contribute exactly 0, also where the logit is
-    ``-inf`` (masked), so masking never creates ``0 * -inf = NaN``.
-
-    Args:
-        logits: ``(n, m)`` logits.
-        target_probs: ``(n, m)`` target distribution, rows summing to 1.
-
-    Returns:
-        A scalar.
-    """
-    log_probs = torch.log_softmax(logits, dim=1)
-    # == 0, not > 0: a NaN target (NaN or inf in a caption embedding) must give a NaN
-    # loss, never a finite loss with NaN gradients.
-    weighted = torch.where(target_probs == 0, 0.0, target_probs * log_probs)
-    return -weighted.sum(dim=1).mean()
+from xclr_plugin.loss import _softmax_, validate_chunk_size, validate_temperature
 
 
 def soft_cross_entropy_dense(logits: Tensor, target_probs: Tensor) -> Tensor:
     """``-(1/n) sum_i sum_j G_ij log softmax_j(l_ij)`` for finite logits, fused.
 
-    The same value as :func:`soft_target_cross_entropy` (which also handles ``-inf``
-    logits) with fewer passes over the ``n x m`` matrices: the backward forms
-    ``softmax(l) - G`` in place from the saved log-probabilities. A NaN target gives a
-    NaN loss.
+    Few passes over the ``n x m`` matrices: the backward forms ``softmax(l) - G`` in
+    place from the saved log-probabilities. A NaN target gives a NaN loss.
     """
     loss: Tensor = _SoftCrossEntropy.apply(logits, target_probs)
     return loss
@@ -125,17 +64,14 @@ def xclr_clip_loss_chunked(
 
     Rows (images, and texts for the other direction) are scored against all columns
     with logits ``s * rows cols^T + b``; row ``i``'s target is one-hot on column
-    ``rank_offset + i`` when the descriptions are None, else
-    ``softmax_j(S_ij / tau_s)`` with ``S`` the cosine similarity of the (normalised)
-    caption embeddings, or label equality. Returns
-    ``1/2 [CE_soft(image rows) + CE_soft(text rows)]``, averaged over the rows.
+    ``rank_offset + i`` without descriptions, else ``softmax_j(S_ij / tau_s)`` with
+    ``S`` the cosine similarity of the (normalised) caption embeddings, or label
+    equality. Returns ``1/2 [CE_soft(image rows) + CE_soft(text rows)]``, averaged over
+    the rows. Memory: one ``chunk_size x m`` block at a time.
 
-    Memory: one ``chunk_size x m`` block at a time; the gradients are accumulated in
-    the forward (see :class:`_XCLRClipChunked`).
-
-    ``mm_dtype`` (e.g. the autocast dtype, bfloat16): run the matrix products in this
-    precision, as ``ClipLoss`` does under autocast; softmax, logits and accumulation
-    stay in the dtype of ``image_rows``. None: every product in that dtype.
+    ``mm_dtype`` (e.g. the autocast dtype): the matrix products run in it, as in
+    ``ClipLoss`` under autocast; softmax, logits and sums stay in the dtype of
+    ``image_rows``. None: every product in that dtype.
     """
     target_temperature = validate_temperature("target_temperature", target_temperature)
     chunk = validate_chunk_size(chunk_size)
@@ -198,10 +134,10 @@ class _XCLRClipChunked(torch.autograd.Function):
                 return torch.mm(a, b, out=out)
             return out.copy_(torch.mm(a.to(low), b.to(low)))
 
-        def add_mm(acc: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+        def add_mm(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
             if low is None:
-                return acc.addmm_(a, b, alpha=alpha)
-            return acc.add_(torch.mm(a.to(low), b.to(low)), alpha=alpha)
+                return acc.addmm_(a, b)
+            return acc.add_(torch.mm(a.to(low), b.to(low)))
 
         chunk = min(chunk, n)
         # A one-element scale of any shape (open_clip uses 0-d) acts as a scalar.
@@ -222,10 +158,6 @@ class _XCLRClipChunked(torch.autograd.Function):
             # Cast once per direction, not once per block.
             cols_mm = cols if low is None else cols.to(low)
             rows_mm = rows if low is None else rows.to(low)
-
-            def block_mm(a: int, b: int, rows_mm: Tensor = rows_mm) -> Tensor:
-                return rows_mm[a:b]
-
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
                 block = rows[start:stop]
@@ -259,14 +191,13 @@ class _XCLRClipChunked(torch.autograd.Function):
                 # (P - G) cols, then the row, column and scale gradients from it.
                 residual = mm(probs, cols_mm, out=grad_rows[start:stop])
                 grad_scale += (block * residual).sum()
-                add_mm(grad_cols, probs.T, block_mm(start, stop))
+                add_mm(grad_cols, probs.T, rows_mm[start:stop])
             grads[rows_key] = grad_rows.mul_(scale)
             grads[cols_key] = grad_cols.mul_(scale)
         norm = 1.0 / (2 * n)
         ctx.grads = {k: v.mul_(norm) for k, v in grads.items()}  # type: ignore[attr-defined]
         grad_scale = (grad_scale * norm).to(logit_scale.dtype)
         ctx.grad_scale = grad_scale.reshape(logit_scale.shape)  # type: ignore[attr-defined]
-        ctx.has_bias = logit_bias is not None  # type: ignore[attr-defined]
         ctx.bias_like = None if logit_bias is None else torch.zeros_like(logit_bias)  # type: ignore[attr-defined]
         return total * norm
 

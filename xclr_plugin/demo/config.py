@@ -1,48 +1,24 @@
 """What a demo run depends on: the tasks, the methods and :class:`DemoConfig`.
 
-Two tasks show the paper's two regimes (Sobal et al., ICLR 2025):
-
-- ``animals`` (class-graph regime, the paper's ImageNet setting): Animal-MNIST
-  silhouettes of 10 animals; every image's description is its class name in a
-  template ("a photo of a zebra"), so many images in a batch share a description.
-- ``twemoji`` (caption regime, the paper's CC3M setting): Twemoji clip-art, each image
-  described by its own emoji name ("water buffalo"); the probe scores the emoji
-  category.
-
-Every method trains the same encoder from the same weights on the same batches; only
-the objective differs (:data:`METHODS`).
+The tasks are the paper's two regimes: ``animals`` (descriptions are class names, the
+ImageNet setting) and ``twemoji`` (one caption per image, the CC3M setting).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-__all__ = [
-    "DEFAULT_METHODS",
-    "DEFAULT_TASKS",
-    "METHODS",
-    "TASKS",
-    "DemoConfig",
-    "MethodSpec",
-]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A training objective of the comparison.
-
-    Attributes:
-        name: Command-line name (``--methods``).
-        label: Name in the table and chart.
-        loss: Registry name of the loss (:func:`xclr_plugin.registry.create_loss`).
-        targets: What the batch carries besides the images: ``"none"``,
-            ``"captions"`` (frozen sentence embeddings), ``"labels"`` or ``"tokens"``
-            (caption tokens for a text tower trained from scratch).
-        uses: What the objective learns from, for the table.
-    """
+    """A method: its registry ``loss`` and what the batch carries besides the images
+    (``targets``: ``"none"``, ``"captions"``, ``"labels"`` or ``"tokens"``)."""
 
     name: str
     label: str
@@ -51,79 +27,67 @@ class MethodSpec:
     uses: str
 
 
+_DESCRIPTIONS = "images + descriptions"
 METHODS: dict[str, MethodSpec] = {
     "simclr": MethodSpec("simclr", "SimCLR", "ntxent", "none", "images"),
-    "supcon": MethodSpec(
-        "supcon", "SupCon (labels)", "supcon", "labels", "images + labels"
-    ),
-    "xclr": MethodSpec("xclr", "X-CLR", "xclr", "captions", "images + descriptions"),
-    "clip": MethodSpec(
-        "clip", "CLIP, frozen text enc.", "clip", "captions", "images + descriptions"
-    ),
-    "clip-scratch": MethodSpec(
-        "clip-scratch",
-        "CLIP, text from scratch",
-        "clip",
-        "tokens",
-        "images + descriptions",
-    ),
-}
+    "supcon": MethodSpec("supcon", "SupCon (labels)", "supcon", "labels", "images + labels"),
+    "xclr": MethodSpec("xclr", "X-CLR", "xclr", "captions", _DESCRIPTIONS),
+    "clip": MethodSpec("clip", "CLIP, frozen text enc.", "clip", "captions", _DESCRIPTIONS),
+    "clip-scratch": MethodSpec("clip-scratch", "CLIP, text from scratch", "clip", "tokens", _DESCRIPTIONS),
+}  # fmt: skip
 DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
 
-#: Built-in tasks: name -> (regime, short description).
-TASKS: dict[str, tuple[str, str]] = {
-    "animals": ("class names", "Animal-MNIST silhouettes, captions = class names"),
-    "twemoji": ("one caption per image", "Twemoji clip-art, captions = emoji names"),
-}
+#: Built-in tasks and their regimes.
+TASKS = {"animals": "class names", "twemoji": "one caption per image"}
 DEFAULT_TASKS: tuple[str, ...] = ("animals", "twemoji")
+
+
+#: Fields without an ``xclr-demo`` option.
+_NO_FLAG = ("proj_dim", "supcon_target_temperature", "knn_t")
+#: Help of the ``xclr-demo`` options, by field.
+_HELP = {
+    "data": f"comma-separated tasks from {','.join(TASKS)}, or a captions CSV/TSV "
+    "(open_clip style with an integer label column) or JSONL, or a folder of class "
+    "subfolders (captions from --caption-template)",
+    "methods": f"comma-separated, from {','.join(METHODS)}",
+    "epochs": "training epochs per method",
+    "batch_size": "images per step (two views each)",
+    "lr": "peak AdamW learning rate",
+    "image_size": "input side in pixels",
+    "width": "encoder width (first-stage channels)",
+    "temperature": "NT-Xent/X-CLR/SupCon temperature",
+    "target_temperature": "X-CLR tau_s",
+    "seed": "seed of weights, augmentations, batches",
+    "split_seed": "seed of the split and subsets",
+    "eval_split": "'val' scores on a validation part of the training images (for "
+    "choosing settings)",
+    "animals_images": "Animal-MNIST images used (stratified, of 10,000)",
+    "min_class_size": "leave out smaller classes",
+    "limit": "a stratified subset of N images per task",
+    "probe_labels_per_class": "labelled training images per class of the low-label "
+    "linear probe",
+    "probe_draws": "fixed draws of those images the low-label probe is averaged over",
+    "device": "torch device, e.g. cpu or cuda",
+    "threads": "torch CPU threads (default: torch's)",
+    "text_model": "sentence-transformers folder (default: all-MiniLM-L6-v2)",
+    "csv_separator": "default: tab for .tsv, comma for .csv",
+    "output": "output folder",
+}
+#: Integer settings and their smallest value (``limit`` and ``threads`` may be None).
+_AT_LEAST = {"epochs": 1, "batch_size": 2, "image_size": 8, "width": 1, "proj_dim": 1,
+             "min_class_size": 2, "knn_k": 1, "animals_images": 1, "limit": 1,
+             "probe_labels_per_class": 1, "probe_draws": 1, "threads": 1}  # fmt: skip
+#: Float settings that must be finite and > 0.
+_POSITIVE = ("lr", "temperature", "target_temperature", "supcon_target_temperature",
+             "knn_t")  # fmt: skip
 
 
 @dataclass
 class DemoConfig:
-    """Everything a run depends on; recorded in ``results.json``.
+    """Every setting of a run, set by the ``xclr-demo`` option of its name.
 
-    Attributes:
-        data: Comma-separated built-in tasks (``animals``, ``twemoji``), or one
-            captions CSV/TSV/JSONL file or image folder of your own.
-        methods: Method names (keys of :data:`METHODS`), in table order.
-        epochs: Training epochs per method.
-        batch_size: Images per step (two views each).
-        lr: Peak AdamW learning rate (linear warmup, cosine decay).
-        weight_decay: AdamW weight decay (not on biases, norms and the logit scale).
-        image_size: Side of the square training and evaluation images, in pixels.
-        width: Channels of the encoder's first stage (doubling per stage).
-        proj_dim: Output dimension of the projection heads.
-        temperature: Logit temperature of NT-Xent, X-CLR and SupCon; CLIP starts its
-            learnable temperature at 0.07, as open_clip.
-        target_temperature: X-CLR's target temperature ``tau_s``.
-        supcon_target_temperature: Target temperature of the SupCon label graph.
-        seed: Seed of the weights, augmentations and batch order.
-        split_seed: Seed of the train/test split and of the subsets.
-        test_fraction: Fraction of each class held out for evaluation.
-        eval_split: ``"test"`` scores on the held-out images; ``"val"`` never touches
-            them: it splits the training part again (``test_fraction`` of it) and
-            scores on that validation part. Every choice of a setting is made with
-            ``"val"``.
-        animals_images: Animal-MNIST images used (a stratified subset of 10,000).
-        min_class_size: Classes with fewer images are left out (Twemoji's
-            Component category has 5).
-        limit: Use a stratified subset of this many images per task (quick checks).
-        probe_labels_per_class: Labelled training images per class of the
-            low-label linear probe (fewer if a class has fewer).
-        probe_draws: Fixed draws of those images the low-label probe is averaged over.
-        knn_k: Neighbours of the kNN classifier.
-        knn_t: Temperature of the kNN vote weights.
-        device: Torch device.
-        threads: Torch CPU threads (None: torch's default).
-        text_model: Sentence-transformers model for the descriptions (None: the
-            packaged all-MiniLM-L6-v2).
-        caption_template: Template turning a class name into a description.
-        csv_img_key: Image column of a CSV/TSV source.
-        csv_caption_key: Caption column of a CSV/TSV source.
-        csv_label_key: Integer label column of a CSV/TSV/JSONL source.
-        csv_separator: Column separator of a CSV/TSV source (None: tab for ``.tsv``,
-            comma for ``.csv``).
-        output: Output folder.
+    Raises:
+        ValueError: Naming the first bad option, what was expected and what came.
     """
 
     data: str = ",".join(DEFAULT_TASKS)
@@ -159,6 +123,38 @@ class DemoConfig:
     csv_separator: str | None = None
     output: str = "xclr-demo-output"
 
+    def __post_init__(self) -> None:
+        def count(name: str, least: int) -> bool:
+            v = getattr(self, name)
+            if v is None:
+                return name in ("limit", "threads")
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        def positive(name: str) -> bool:
+            return math.isfinite(getattr(self, name)) and getattr(self, name) > 0
+
+        rules = [
+            ("methods", bool(self.methods) and set(self.methods) <= set(METHODS),
+             f"a comma-separated list of {sorted(METHODS)}"),
+            ("methods", len(set(self.methods)) == len(self.methods), "each method once"),
+            ("data", bool(self.data.strip()), "a task or a path"),
+            *((n, count(n, least), "a positive integer" if least == 1 else
+               f"at least {least}") for n, least in _AT_LEAST.items()),
+            *((n, positive(n), "a finite number > 0") for n in _POSITIVE),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             ">= 0"),
+            ("test_fraction", 0 < self.test_fraction < 1, "strictly between 0 and 1"),
+            ("eval_split", self.eval_split in ("test", "val"), "'test' or 'val'"),
+            ("caption_template", "{}" in self.caption_template,
+             "a template with '{}' for the class name"),
+        ]  # fmt: skip
+        for name, ok, expected in rules:
+            if not ok:
+                value = getattr(self, name)
+                if name == "methods":
+                    value = ",".join(value)
+                raise ValueError(f"{_flag(name)} must be {expected}, got {value!r}.")
+
     @property
     def tasks(self) -> list[str]:
         """The ``--data`` entries: built-in task names or one path."""
@@ -166,12 +162,10 @@ class DemoConfig:
         return names if all(n in TASKS for n in names) else [self.data]
 
     def fingerprint(self, task: str, method: str) -> dict[str, Any]:
-        """What one method's trained encoder on one task depends on (for resuming).
+        """What one trained encoder depends on (a finished run with it is reused).
 
-        The output folder, threads, device and the other methods are left out: a
-        finished run is reused whatever else the new command asks for. The settings
-        of the low-label probe (:meth:`probe_settings`) are left out too: the saved
-        features of a finished run are re-scored under new ones, without retraining.
+        Output, threads, device, the other methods and the low-label probe settings
+        (saved features are re-scored under new ones) are left out.
         """
         out = dataclasses.asdict(self)
         for key in ("data", "methods", "output", "threads", "device",
@@ -187,81 +181,38 @@ class DemoConfig:
             "probe_draws": self.probe_draws,
         }
 
-    def validate(self) -> None:
-        """Checks the values.
 
-        Raises:
-            ValueError: Naming the first bad option, what was expected and what came.
-        """
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(
-                f"--methods must be a comma-separated list of {sorted(METHODS)}, got "
-                f"{','.join(self.methods)!r}."
+#: The fields with an ``xclr-demo`` option, in ``--help`` order.
+_FLAGS = [f.name for f in dataclasses.fields(DemoConfig) if f.name not in _NO_FLAG]
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the option of each :class:`DemoConfig` field (but :data:`_NO_FLAG`)."""
+    hints, defaults = typing.get_type_hints(DemoConfig), DemoConfig()
+    for name in _FLAGS:
+        hint, default = hints[name], getattr(defaults, name)
+        kind: Callable[[str], Any] = _names
+        if name != "methods":
+            kind = next(
+                t for t in (int, float, str) if t in (hint, *typing.get_args(hint))
             )
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(
-                f"--methods lists a method twice: {','.join(self.methods)!r}."
-            )
-        if not self.data.strip():
-            raise ValueError("--data must name a task or a path, got ''.")
-        for name in (
-            "epochs",
-            "batch_size",
-            "image_size",
-            "width",
-            "proj_dim",
-            "min_class_size",
-            "knn_k",
-            "animals_images",
-            "probe_labels_per_class",
-            "probe_draws",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}."
-                )
-        if self.batch_size < 2:
-            raise ValueError(f"--batch-size must be at least 2, got {self.batch_size}.")
-        if self.image_size < 8:
-            raise ValueError(
-                f"--image-size must be at least 8 pixels, got {self.image_size}."
-            )
-        if self.min_class_size < 2:
-            raise ValueError(
-                f"--min-class-size must be at least 2, got {self.min_class_size}."
-            )
-        for name in (
-            "lr",
-            "temperature",
-            "target_temperature",
-            "supcon_target_temperature",
-            "knn_t",
-        ):
-            fvalue = getattr(self, name)
-            if not math.isfinite(fvalue) or fvalue <= 0:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a finite number > 0, got {fvalue!r}."
-                )
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}.")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(
-                f"--test-fraction must lie strictly between 0 and 1, got {self.test_fraction!r}."
-            )
-        if self.eval_split not in ("test", "val"):
-            raise ValueError(
-                f"--eval-split must be 'test' or 'val', got {self.eval_split!r}."
-            )
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be a positive integer, got {self.limit!r}.")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(
-                f"--threads must be a positive integer, got {self.threads!r}."
-            )
-        if "{}" not in self.caption_template:
-            raise ValueError(
-                f"--caption-template must contain '{{}}' for the class name, got "
-                f"{self.caption_template!r}."
-            )
+        parser.add_argument(
+            _flag(name),
+            type=kind,
+            default=",".join(default) if isinstance(default, list) else default,
+            help=_HELP.get(name),
+            choices=("test", "val") if name == "eval_split" else None,
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The :class:`DemoConfig` of parsed arguments (raises ``ValueError`` as it)."""
+    return DemoConfig(**{name: getattr(args, name) for name in _FLAGS})

@@ -1,21 +1,13 @@
-"""How a frozen encoder is scored on the held-out images.
+"""How a frozen encoder is scored on the held-out images; nothing here is tuned.
 
-- **linear probe**: scikit-learn's ``LogisticRegression`` (C=1) on standardised
-  features, fitted on the training images;
-- **low-label linear probe**: the same probe fitted on only ``N`` labelled training
-  images per class (``probe_labels_per_class``), averaged over ``probe_draws`` fixed
-  draws of those images. With thousands of labels a linear probe recovers the class
-  from almost any decent features (it saturates); with a few per class it scores how
-  well the classes cluster, the standard low-label evaluation of self-supervised
-  learning;
-- **kNN**: lightly's ``knn_predict`` (cosine, k=20, t=0.1);
-- **description structure** (what X-CLR is for): the Spearman correlation between how
-  similar the held-out images' embeddings are and how similar their descriptions are.
-  With class names (one description per class) it compares the class-mean image
-  similarities with the class-name similarities, over all pairs of classes; with one
-  caption per image it compares image pairs directly.
-
-Nothing here is tuned: the settings are fixed before any run.
+- **linear**: scikit-learn's ``LogisticRegression`` (C=1) on standardised features;
+- **low-label**: the same on ``probe_labels_per_class`` labelled training images per
+  class, averaged over ``probe_draws`` fixed draws (with thousands of labels a linear
+  probe saturates; with a few per class it scores how well the classes cluster);
+- **kNN**: lightly's ``knn_predict`` (cosine);
+- **rho** (what X-CLR is for): the Spearman correlation between image-embedding and
+  description similarities; class means against class names when many images share
+  a description, image pairs when each has its own caption.
 """
 
 from __future__ import annotations
@@ -32,18 +24,6 @@ from torch import Tensor, nn
 from xclr_plugin.demo.config import DemoConfig
 from xclr_plugin.demo.data import TaskData
 
-__all__ = [
-    "Scores",
-    "evaluate_features",
-    "features",
-    "low_label_draws",
-    "low_label_probe",
-    "own_view_mass",
-    "probe_noise",
-    "score_features",
-    "structure_rho",
-]
-
 Scores = dict[str, float]
 
 #: Image pairs used for the caption-regime structure metric (a fixed subsample).
@@ -53,11 +33,8 @@ _MAX_PAIR_IMAGES = 400
 @torch.no_grad()
 def features(backbone: nn.Module, images: Tensor, device: torch.device) -> Tensor:
     """Frozen features of preprocessed images, in eval mode, batched."""
-    was_training = backbone.training
     backbone.eval()
-    out = [backbone(chunk.to(device)).float().cpu() for chunk in images.split(512)]
-    backbone.train(was_training)
-    return torch.cat(out)
+    return torch.cat([backbone(x.to(device)).float().cpu() for x in images.split(512)])
 
 
 def _linear_probe(
@@ -70,25 +47,22 @@ def _linear_probe(
     from sklearn.preprocessing import StandardScaler
 
     probe = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=1.0, max_iter=2000, random_state=seed),
+        StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(x[fit_idx].numpy(), labels[fit_idx].numpy())
-    return float(
-        (probe.predict(x[test_idx].numpy()) == labels[test_idx].numpy()).mean()
-    )
+    pred = probe.predict(x[test_idx].numpy())
+    return float((pred == labels[test_idx].numpy()).mean())
 
 
 def low_label_draws(
     labels: Tensor, train_idx: Tensor, per_class: int, draws: int, seed: int
 ) -> list[Tensor]:
-    """``draws`` fixed subsets of ``train_idx`` with ``per_class`` images per class.
+    """``draws`` fixed subsets of ``train_idx``, ``per_class`` images per class (or all).
 
-    A class with fewer training images gives all of them. Draw ``d`` depends only on
-    ``seed`` (the split seed) and ``d``, never on the training seed or the method, so
-    every encoder is probed with the same labelled images.
+    Draw ``d`` depends only on ``seed`` (the split seed) and ``d``, so every encoder
+    is probed with the same labelled images.
     """
     y = labels[train_idx]
     out = []
@@ -105,27 +79,13 @@ def low_label_draws(
 def low_label_probe(
     feats: Tensor, data: TaskData, config: DemoConfig
 ) -> tuple[float, float]:
-    """Linear probe fitted on ``probe_labels_per_class`` images per class.
-
-    Returns:
-        The mean top-1 on the test images over ``probe_draws`` fixed draws, and its
-        standard error over the draws (how much the choice of labelled images moves
-        the mean; the test-set noise comes on top).
-    """
-    x = feats.double()
-    accs = [
-        _linear_probe(x, data.labels, fit, data.test_idx, config.split_seed)
-        for fit in low_label_draws(
-            data.labels,
-            data.train_idx,
-            config.probe_labels_per_class,
-            config.probe_draws,
-            config.split_seed,
-        )
-    ]
-    spread = (
-        float(np.std(accs, ddof=1)) / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
-    )
+    """Mean top-1 of the low-label probe over the draws, and its standard error over
+    the draws (the test-set noise comes on top)."""
+    x, seed = feats.double(), config.split_seed
+    draws = low_label_draws(data.labels, data.train_idx, config.probe_labels_per_class,
+                            config.probe_draws, seed)  # fmt: skip
+    accs = [_linear_probe(x, data.labels, fit, data.test_idx, seed) for fit in draws]
+    spread = float(np.std(accs, ddof=1)) / math.sqrt(len(accs)) if len(accs) > 1 else 0.0  # fmt: skip
     return float(np.mean(accs)), spread
 
 
@@ -135,22 +95,15 @@ def evaluate_features(
     """Linear probe and kNN top-1 on frozen features: fit on train, score on test."""
     from lightly.utils.benchmarking import knn_predict
 
-    x = feats.double()
-    x_train, x_test = x[data.train_idx], x[data.test_idx]
-    y_train, y_test = data.labels[data.train_idx], data.labels[data.test_idx]
-    linear = _linear_probe(
-        x, data.labels, data.train_idx, data.test_idx, config.split_seed
-    )
-    bank = F.normalize(x_train.float(), dim=1)
+    x, train, test = feats.double(), data.train_idx, data.test_idx
+    linear = _linear_probe(x, data.labels, train, test, config.split_seed)
+    bank = F.normalize(x[train].float(), dim=1)
     pred = knn_predict(
-        F.normalize(x_test.float(), dim=1),
-        bank.T.contiguous(),
-        y_train,
-        num_classes=data.num_classes,
-        knn_k=min(config.knn_k, len(bank)),
+        F.normalize(x[test].float(), dim=1), bank.T.contiguous(), data.labels[train],
+        num_classes=data.num_classes, knn_k=min(config.knn_k, len(bank)),
         knn_t=config.knn_t,
-    )[:, 0]
-    return linear, float((pred == y_test).float().mean())
+    )[:, 0]  # fmt: skip
+    return linear, float((pred == data.labels[test]).float().mean())
 
 
 def _upper(matrix: Tensor) -> np.ndarray:
@@ -160,12 +113,9 @@ def _upper(matrix: Tensor) -> np.ndarray:
 
 
 def structure_rho(feats: Tensor, data: TaskData) -> float:
-    """Spearman correlation of image and description similarities on held-out images.
-
-    Class names: class-mean (normalised) image embeddings vs the class descriptions,
-    over class pairs. One caption per image: image vs caption cosine similarity over
-    the pairs of (a fixed subsample of) held-out images.
-    """
+    """Spearman correlation of image and description similarities on held-out images:
+    over class pairs of class means (class names), or over pairs of a fixed subsample
+    of images (one caption per image)."""
     from scipy.stats import spearmanr
 
     idx = data.test_idx
@@ -199,11 +149,10 @@ def score_features(feats: Tensor, data: TaskData, config: DemoConfig) -> Scores:
 def own_view_mass(
     data: TaskData, batch_size: int, tau_s: float, *, batches: int = 20
 ) -> float:
-    """Mean share of X-CLR's target on each view's own other view.
+    """Mean share of X-CLR's target on each view's own other view (SimCLR's: all).
 
-    X-CLR's target row for a view is a softmax over the batch's other ``2B - 1``
-    views of the description similarities divided by ``tau_s``; SimCLR puts all of it
-    on the other view of the same image. Averaged over random training batches.
+    The target row of a view is a softmax of the description similarities to the
+    batch's other ``2B - 1`` views over ``tau_s``; averaged over random batches.
     """
     c = data.caption_embeddings[data.train_idx].float()
     b = min(batch_size, len(c))
@@ -215,11 +164,6 @@ def own_view_mass(
         target = torch.softmax(s / tau_s, dim=1)
         total += float(torch.diagonal(target, b).mean())
     return total / batches
-
-
-def probe_noise(data: TaskData) -> float:
-    """One standard error of an accuracy on the test images (worst case p = 0.5)."""
-    return math.sqrt(0.25 / max(len(data.test_idx), 1))
 
 
 def references(
@@ -235,7 +179,8 @@ def references(
         "majority_class": {"class": data.class_names[majority], "top1": rate},
         "uniform_chance": 1.0 / data.num_classes,
         "descriptions_alone": {"linear_top1": text_linear, "knn_top1": text_knn},
-        "probe_noise": probe_noise(data),
+        # one standard error of an accuracy on the test images (worst case p = 0.5)
+        "probe_noise": math.sqrt(0.25 / max(len(data.test_idx), 1)),
         "own_view_mass": own_view_mass(
             data, config.batch_size, config.target_temperature
         ),

@@ -1,10 +1,8 @@
 """One training run: the same encoder, data, batches and optimizer for every method.
 
 Every method starts from the same weights (the model is built right after seeding)
-and sees the same augmented batches in the same order; only the objective and what
-the batch carries besides the images differ. A plain loop rather than a Lightning
-``Trainer``: at this size a Trainer per run adds start-up time and nothing the
-comparison needs.
+and sees the same augmented batches in the same order. A plain loop, not a Lightning
+``Trainer``: at this size a Trainer per run adds start-up time and nothing else.
 """
 
 from __future__ import annotations
@@ -12,24 +10,23 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from xclr_plugin.demo.config import DemoConfig, MethodSpec
 from xclr_plugin.demo.data import TaskData, normalize
 from xclr_plugin.demo.models import ImageModel, build_objective, tokenize_captions
-
-__all__ = ["BatchSimCLRAugment", "TrainedModel", "seed_everything", "train_method"]
+from xclr_plugin.errors import NonFiniteLossError
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds torch, numpy and Python's ``random`` (the augmentations use all three)."""
+    """Seeds torch, numpy and Python's ``random``."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -38,22 +35,15 @@ def seed_everything(seed: int) -> None:
 class BatchSimCLRAugment:
     """SimCLR's augmentations (lightly's ``SimCLRTransform`` recipe) on a whole batch.
 
-    Random resized crop (area 25-100%, aspect 3/4-4/3) with a horizontal flip, one
-    ``grid_sample`` for the batch; colour jitter (brightness, contrast, saturation
-    0.4, i.e. lightly's ``cj_strength=0.5``; no hue) with probability 0.8; grayscale
-    with probability 0.2; no blur (it erases 28 px images); ImageNet normalisation.
-    Measured on this project's 2-core machine: lightly's per-image PIL transform took
-    0.33 s of CPU per batch of 128 images (two views), 2.8x the training step of the
-    width-16 encoder (0.12 s); this takes a few milliseconds.
+    Random resized crop (a crop larger than the image is clipped, where torchvision
+    retries) and flip in one ``grid_sample``; colour jitter (no hue) with p=0.8;
+    grayscale with p=0.2; no blur (it erases 28 px images). lightly's per-image
+    transform took 0.33 s of CPU per batch of 128, 2.8x the training step.
     """
 
     def __init__(
         self, min_scale: float = 0.25, jitter: float = 0.4, aspect: float = 4 / 3
     ) -> None:
-        """Sets the crop's smallest area and largest aspect ratio, the jitter strength.
-
-        A crop wider or taller than the image is clipped to it (torchvision retries).
-        """
         self.min_scale, self.jitter = min_scale, jitter
         self.log_aspect = math.log(aspect)
 
@@ -64,31 +54,17 @@ class BatchSimCLRAugment:
         def uniform(low: float, high: float) -> Tensor:
             return torch.empty(b, device=device).uniform_(low, high)
 
-        area, ratio = (
-            uniform(self.min_scale, 1.0),
-            uniform(-self.log_aspect, self.log_aspect).exp(),
-        )
+        area = uniform(self.min_scale, 1.0)
+        ratio = uniform(-self.log_aspect, self.log_aspect).exp()
         w = (area * ratio).sqrt().clamp(max=1.0)
         h = (area / ratio).sqrt().clamp(max=1.0)
         flip = torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0)
         zero = torch.zeros(b, device=device)
         shift_x = (2 * torch.rand(b, device=device) - 1) * (1 - w)
         shift_y = (2 * torch.rand(b, device=device) - 1) * (1 - h)
-        theta = torch.stack(
-            [
-                torch.stack([w * flip, zero, shift_x], 1),
-                torch.stack([zero, h, shift_y], 1),
-            ],
-            1,
-        )
-        grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-        x = F.grid_sample(
-            pixels,
-            grid,
-            mode="bilinear",
-            padding_mode="reflection",
-            align_corners=False,
-        )
+        rows = [torch.stack([w * flip, zero, shift_x], 1), torch.stack([zero, h, shift_y], 1)]  # fmt: skip
+        grid = F.affine_grid(torch.stack(rows, 1), list(pixels.shape), align_corners=False)  # fmt: skip
+        x = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)  # fmt: skip
         weights = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
 
         def gray(img: Tensor) -> Tensor:
@@ -109,28 +85,6 @@ class BatchSimCLRAugment:
         return normalize(x)
 
 
-def _targets_table(spec: MethodSpec, data: TaskData) -> tuple[Tensor | None, int]:
-    """Per-image targets (indexed by row) and the token vocabulary size."""
-    if spec.targets == "captions":
-        return data.caption_embeddings, 0
-    if spec.targets == "labels":
-        return data.labels, 0
-    if spec.targets == "tokens":
-        return tokenize_captions([r.caption for r in data.records])
-    return None, 0
-
-
-def _param_groups(
-    modules: list[nn.Module], weight_decay: float
-) -> list[dict[str, object]]:
-    """AdamW groups: no weight decay on biases, norm weights and scalars (open_clip)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
 @dataclass
 class TrainedModel:
     """A trained encoder and how its training went."""
@@ -138,7 +92,7 @@ class TrainedModel:
     model: ImageModel
     seconds: float
     cpu_seconds: float
-    loss_per_epoch: list[float] = field(default_factory=list)
+    loss_per_epoch: list[float]
 
 
 def train_method(
@@ -152,29 +106,39 @@ def train_method(
     """Trains the encoder on ``data``'s training images with one method.
 
     Raises:
-        RuntimeError: If the loss becomes NaN or infinite.
+        NonFiniteLossError: If the loss becomes NaN or infinite.
     """
     from lightly.utils.scheduler import CosineWarmupScheduler
 
     device = torch.device(config.device)
     seed_everything(config.seed)
     model = ImageModel(config.width, config.proj_dim).to(device)
-    table, vocab = _targets_table(spec, data)
-    objective = build_objective(spec, config, data.caption_embeddings.shape[1], vocab)
-    objective = objective.to(device)
+    # What the batch carries besides the images, one row per image.
+    table = {"captions": data.caption_embeddings, "labels": data.labels}.get(
+        spec.targets
+    )
+    vocab = 0
+    if spec.targets == "tokens":
+        table, vocab = tokenize_captions([r.caption for r in data.records])
+    text_dim = data.caption_embeddings.shape[1]
+    objective = build_objective(spec, config, text_dim, vocab).to(device)
     augment = BatchSimCLRAugment()
     # A tensor is a map-style dataset: the loader shuffles row indices, seeded.
     loader: DataLoader[Tensor] = DataLoader(
         data.train_idx,  # type: ignore[arg-type]
-        batch_size=min(config.batch_size, len(data.train_idx)),
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+        batch_size=min(config.batch_size, len(data.train_idx)), shuffle=True,
+        drop_last=True, generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
     total = config.epochs * len(loader)
+    # No weight decay on biases, norm weights and scalars, as open_clip.
+    params = [p for m in (model, objective) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        _param_groups([model, objective], config.weight_decay), lr=config.lr
-    )
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )  # fmt: skip
     scheduler = CosineWarmupScheduler(
         optimizer, warmup_epochs=min(len(loader), max(total // 10, 1)), max_epochs=total
     )
@@ -193,7 +157,7 @@ def train_method(
                 targets = None if table is None else table[rows].to(device)
                 loss = objective(z0, z1, targets)
                 if not torch.isfinite(loss):
-                    raise RuntimeError(
+                    raise NonFiniteLossError(
                         f"{spec.label}: the loss became {loss.item()} at epoch "
                         f"{epoch + 1}; lower --lr."
                     )
@@ -204,13 +168,7 @@ def train_method(
                 objective.after_step()  # type: ignore[operator]
                 epoch_loss += loss.item()
                 bar.update(1)
-                bar.set_postfix(
-                    epoch=f"{epoch + 1}/{config.epochs}", loss=f"{loss.item():.3f}"
-                )
+                bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{loss.item():.3f}")  # fmt: skip
             losses.append(epoch_loss / len(loader))
-    return TrainedModel(
-        model,
-        time.perf_counter() - start,
-        time.process_time() - cpu_start,
-        losses,
-    )
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return TrainedModel(model, seconds, cpu_seconds, losses)

@@ -1,0 +1,127 @@
+"""Caption records + an optional cache folder + an encoder -> one lookup for training.
+
+The one way the trainers and the demo get caption embeddings::
+
+    caption_lookup(
+        records,                 # Sequence[CaptionRecord] | None
+        cache_dir=None,          # str | os.PathLike | None
+        encoder=None,            # SupportsEncode | Callable[[], SupportsEncode] | None
+        *,
+        encoder_name=None,       # str | None: the encoder a cache must come from
+        build=True,              # build/resume a missing or unfinished cache
+        subset=False,            # records may be a subset of the cache's (by key)
+        dtype="float16",         # storage dtype of a cache built here
+        distinct=False,          # without a cache: embed each distinct caption once
+        progress=True,           # progress bars while building
+    ) -> CaptionTable | CaptionCache
+
+- ``cache_dir=None``: the captions are embedded now into a :class:`CaptionTable`
+  (a non-finite row is refused, naming its file). File names may repeat here (an
+  open_clip CSV with several captions per image); rows are then read by index.
+- ``cache_dir`` holding a finished cache of exactly ``records`` (made by
+  ``encoder_name``, if given; by ``encoder.name`` for an encoder object): it is opened
+  *without* loading the encoder (a factory is not called) and its rows are checked
+  finite once.
+- otherwise, with ``build=True``, the encoder is loaded and the cache is built,
+  resumed or repaired (:func:`~xclr_plugin.cache.build.build_caption_cache`: a
+  different cache in the folder is refused, never replaced); with ``build=False`` the
+  error is raised for the caller to add its hint (``Build it ... first: <command>``).
+- ``subset=True`` (webdataset shards): the cache may hold more than ``records``; every
+  record's key must have a row, else :class:`CacheMismatchError` whose ``missing``
+  lists the keys without one. ``records=None`` opens the cache unchecked against any
+  records (shards that cannot be read ahead); its rows are still checked finite.
+
+Errors are plain ``FileNotFoundError`` (no cache, or an unfinished one, with
+``build=False``) and ``ValueError`` (damaged, non-finite, or
+:class:`CacheMismatchError`: another dataset's or encoder's cache), each naming the
+folder, so callers wrap them with their own option names. What the encoder factory
+raises (a missing model, a device that is not there) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from xclr_plugin.cache.build import build_caption_cache
+from xclr_plugin.cache.store import CacheMismatchError, CaptionCache, CaptionTable
+from xclr_plugin.captions.records import CaptionRecord, validate_records
+from xclr_plugin.text import SupportsEncode
+
+__all__ = ["EncoderSource", "caption_lookup"]
+
+#: An encoder, a zero-argument function that loads one, or None for the default.
+EncoderSource = SupportsEncode | Callable[[], SupportsEncode] | None
+
+
+def _load(encoder: EncoderSource, progress: bool) -> SupportsEncode:
+    """The encoder itself, the factory's result, or the packaged default model."""
+    if encoder is None:
+        from xclr_plugin import text  # looked up now, so tests can stand in for it
+
+        return text.TextEncoder(show_progress=progress)
+    if callable(getattr(encoder, "encode", None)):
+        return encoder  # type: ignore[return-value]
+    if callable(encoder):
+        return encoder()
+    raise TypeError(
+        "encoder must be a text encoder, a function returning one, or None, got "
+        f"{type(encoder).__name__}."
+    )
+
+
+def caption_lookup(
+    records: Sequence[CaptionRecord] | None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    encoder: EncoderSource = None,
+    *,
+    encoder_name: str | None = None,
+    build: bool = True,
+    subset: bool = False,
+    dtype: str = "float16",
+    distinct: bool = False,
+    progress: bool = True,
+) -> CaptionTable | CaptionCache:
+    """The caption embeddings of ``records``: a checked cache, or embedded now.
+
+    See the module docstring for what each argument does.
+
+    Raises:
+        FileNotFoundError: ``build=False`` and no finished cache in ``cache_dir``.
+        ValueError: Bad records, a damaged or non-finite cache, or
+            :class:`CacheMismatchError` (another dataset's or encoder's cache).
+    """
+    if records is not None:
+        records = validate_records(records, unique=cache_dir is not None)
+    if cache_dir is None:
+        if records is None:
+            raise ValueError("caption_lookup needs records when there is no cache_dir.")
+        return CaptionTable.from_records(
+            records, _load(encoder, progress), distinct=distinct
+        )
+    expected = encoder_name
+    if expected is None and callable(getattr(encoder, "encode", None)):
+        expected = encoder.name  # type: ignore[union-attr]
+    try:
+        cache = CaptionCache.open(
+            cache_dir, encoder=expected, records=None if subset else records
+        )
+    except (FileNotFoundError, ValueError):
+        if not build or records is None:
+            raise
+        cache = build_caption_cache(
+            records, cache_dir, _load(encoder, progress), dtype=dtype, progress=progress
+        )
+    if subset and records is not None:
+        missing = [r.filename for r in records if r.filename not in cache]
+        if missing:
+            raise CacheMismatchError(
+                f"The caption cache at {cache.path} has no caption embedding for "
+                f"{len(missing)} of the {len(records)} samples, the first is key "
+                f"{missing[0]!r}.",
+                missing=missing,
+            )
+    # One NaN row makes every loss and gradient of its batches NaN (and, gathered,
+    # every process's); a cache this call built was checked before it was published.
+    cache.check_finite()
+    return cache

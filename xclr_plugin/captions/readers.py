@@ -1,0 +1,278 @@
+"""JSONL, image-folder (sidecar CSV) and class-folder captions; any source by format.
+
+- :func:`read_jsonl_captions`: one JSON object per line.
+- :func:`read_folder_captions`: an image folder as :class:`lightly.data.LightlyDataset`
+  lists it, plus a sidecar ``filename,caption`` CSV with names relative to the folder.
+- :func:`read_class_captions`: a labelled folder (one subfolder per class), each image
+  captioned from its class name with a template such as ``"a photo of a {}"``.
+- :func:`read_captions` reads any of them, CSV/TSV and webdataset shards included,
+  by ``fmt`` (or :func:`detect_format`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from xclr_plugin.captions.csv_file import open_text, parse_label, read_csv_captions
+from xclr_plugin.captions.records import CaptionRecord, validate_records
+
+__all__ = [
+    "DEFAULT_SIDECAR",
+    "DEFAULT_TEMPLATE",
+    "FORMATS",
+    "check_template",
+    "detect_format",
+    "read_captions",
+    "read_class_captions",
+    "read_folder_captions",
+    "read_jsonl_captions",
+]
+
+#: Template of :func:`read_class_captions`, as in CLIP's zero-shot prompts.
+DEFAULT_TEMPLATE = "a photo of a {}"
+#: Sidecar captions file looked for inside an image folder.
+DEFAULT_SIDECAR = "captions.csv"
+#: The formats :func:`read_captions` reads.
+FORMATS = ("csv", "jsonl", "folder", "classes", "webdataset")
+
+
+def read_jsonl_captions(
+    path: str | os.PathLike[str],
+    *,
+    img_key: str = "filename",
+    caption_key: str = "caption",
+    label_key: str | None = None,
+) -> list[CaptionRecord]:
+    """Reads a JSON Lines captions file: one object per line, blank lines skipped.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: Naming the file and line of a line that is not a JSON object,
+            lacks a key or holds a non-string name or caption, of an empty caption or
+            a repeated file name.
+    """
+    records: list[CaptionRecord] = []
+    locations: list[str] = []
+    keys = [img_key, caption_key] + ([label_key] if label_key else [])
+    with open_text(path) as handle:
+        try:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{os.fspath(path)}, line {line_no}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: invalid JSON ({err.msg}).") from err
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{where}: expected a JSON object.")
+                missing = [key for key in keys if key not in obj]
+                if missing:
+                    raise ValueError(
+                        f"{where}: missing key(s) {missing}; the object has {sorted(obj)}."
+                    )
+                filename, caption = obj[img_key], obj[caption_key]
+                if not isinstance(filename, str) or not isinstance(caption, str):
+                    raise ValueError(
+                        f"{where}: {img_key!r} and {caption_key!r} must be strings."
+                    )
+                label = None
+                if label_key is not None:
+                    label = parse_label(obj[label_key], where, label_key)
+                records.append(CaptionRecord(filename, caption, label))
+                locations.append(where)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({err}).") from err
+    return validate_records(records, source=path, locations=locations)
+
+
+def _lightly_folder(image_dir: str | os.PathLike[str]) -> Any:
+    """The folder as :class:`lightly.data.LightlyDataset` lists it.
+
+    Raises:
+        FileNotFoundError: If the folder does not exist.
+        ValueError: If it holds no images.
+    """
+    from lightly.data import LightlyDataset
+
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"Image folder not found: {os.fspath(image_dir)}")
+    try:
+        return LightlyDataset(os.fspath(image_dir))
+    except (RuntimeError, FileNotFoundError) as err:
+        raise ValueError(f"No images found in {os.fspath(image_dir)}: {err}") from err
+
+
+def read_folder_captions(
+    image_dir: str | os.PathLike[str],
+    captions_file: str | os.PathLike[str] | None = None,
+    *,
+    sep: str = ",",
+    img_key: str = "filename",
+    caption_key: str = "caption",
+) -> list[CaptionRecord]:
+    """Captions of an image folder from a sidecar CSV (default ``image_dir/captions.csv``).
+
+    Sidecar file names are relative to ``image_dir``, as
+    ``LightlyDataset(image_dir).get_filenames()`` returns them (``"class/img.png"``
+    with subfolders). Every image needs exactly one caption and every caption an
+    image. Records follow LightlyDataset's order, labelled by its targets when the
+    folder has subfolders.
+
+    Raises:
+        FileNotFoundError: If the folder or sidecar is missing, or the sidecar names
+            an image not in the folder.
+        ValueError: If an image has no caption, or the sidecar is malformed.
+    """
+    if captions_file is None:
+        captions_file = os.path.join(image_dir, DEFAULT_SIDECAR)
+    sidecar = read_csv_captions(
+        captions_file, sep=sep, img_key=img_key, caption_key=caption_key
+    )
+    by_name = {Path(r.filename).as_posix(): r.caption for r in sidecar}
+    if len(by_name) != len(sidecar):
+        raise ValueError(
+            f"{os.fspath(captions_file)}: duplicate file names after normalising path "
+            "separators."
+        )
+    dataset = _lightly_folder(image_dir)
+    targets = getattr(dataset.dataset, "targets", None)
+    labelled = hasattr(dataset.dataset, "classes") and targets is not None
+    records: list[CaptionRecord] = []
+    for i, filename in enumerate(dataset.get_filenames()):
+        caption = by_name.pop(Path(filename).as_posix(), None)
+        if caption is None:
+            raise ValueError(
+                f"Image {filename!r} in {os.fspath(image_dir)} has no caption in "
+                f"{os.fspath(captions_file)}."
+            )
+        records.append(
+            CaptionRecord(filename, caption, int(targets[i]) if labelled else None)
+        )
+    if by_name:
+        raise FileNotFoundError(
+            f"{os.fspath(captions_file)} names {len(by_name)} image(s) not found in "
+            f"{os.fspath(image_dir)}, e.g. {next(iter(by_name))!r}."
+        )
+    return records
+
+
+def check_template(template: Any) -> str:
+    """Checks a class-caption template: text with exactly one ``{}`` field.
+
+    Raises:
+        ValueError: If it is not a string, is malformed (``"a {"``), or has no, more
+            than one, or a named/numbered field (``"a {} {name}"``).
+    """
+    if not isinstance(template, str):
+        raise ValueError(
+            f"template must be a string with one '{{}}' for the class name, got "
+            f"{template!r}."
+        )
+    try:
+        fields = [f[1] for f in string.Formatter().parse(template) if f[1] is not None]
+    except ValueError as err:
+        raise ValueError(f"template {template!r} is malformed: {err}.") from err
+    if fields != [""]:
+        raise ValueError(
+            f"template must contain exactly one '{{}}' for the class name and no "
+            f"other {{...}} field (write '{{{{' and '}}}}' for literal braces), got "
+            f"{template!r}."
+        )
+    try:
+        template.format("x")
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"template {template!r} is malformed: {err}.") from err
+    return template
+
+
+def read_class_captions(
+    image_dir: str | os.PathLike[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    class_names: dict[str, str] | None = None,
+) -> list[CaptionRecord]:
+    """Captions a labelled folder (one subfolder per class) from its class names.
+
+    Images, order, file names (``"class/img.png"``) and labels are those of
+    ``LightlyDataset(image_dir)`` (torchvision's ``ImageFolder``: classes sorted). Each
+    caption is ``template.format(name)``, ``name`` being ``class_names[folder]`` if
+    given, else the folder name with ``_`` read as spaces.
+
+    Raises:
+        FileNotFoundError: If the folder does not exist.
+        ValueError: If it has no class subfolders or images, or a bad template.
+    """
+    check_template(template)
+    dataset = _lightly_folder(image_dir)
+    classes = getattr(dataset.dataset, "classes", None)
+    if not classes:
+        raise ValueError(
+            f"{os.fspath(image_dir)} has no class subfolders; use read_folder_captions "
+            "with a sidecar captions file for a flat folder."
+        )
+    names = class_names or {}
+    captions = [template.format(names.get(c, c.replace("_", " "))) for c in classes]
+    return [
+        CaptionRecord(name, captions[int(label)], int(label))
+        for name, label in zip(
+            dataset.get_filenames(), dataset.dataset.targets, strict=True
+        )
+    ]
+
+
+def detect_format(source: str | os.PathLike[str], *, captions_file: Any = None) -> str:
+    """Guesses the caption format of a source path.
+
+    Shards (``.tar``, also in brace notation or ``::`` lists, as open_clip's
+    ``--dataset-type auto``) are ``"webdataset"``; a folder with a ``captions.csv``
+    sidecar (or an explicit ``captions_file``) is ``"folder"``, any other folder
+    ``"classes"``; ``*.jsonl``/``*.json`` files are ``"jsonl"``; anything else ``"csv"``.
+    """
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        sidecar = os.path.join(text, DEFAULT_SIDECAR)
+        return (
+            "folder"
+            if captions_file is not None or os.path.isfile(sidecar)
+            else "classes"
+        )
+    if all(p.strip().lower().endswith(".tar") for p in text.split("::")):
+        return "webdataset"
+    return "jsonl" if text.lower().endswith((".jsonl", ".json")) else "csv"
+
+
+def _read_shards(source: str | os.PathLike[str], **kwargs: Any) -> list[CaptionRecord]:
+    from xclr_plugin.captions.shards import read_webdataset_captions
+
+    return read_webdataset_captions(os.fspath(source), **kwargs)
+
+
+def read_captions(
+    source: str | os.PathLike[str], fmt: str = "auto", **kwargs: Any
+) -> list[CaptionRecord]:
+    """Reads any caption source with the reader of ``fmt`` (one of :data:`FORMATS`,
+    or ``"auto"``: :func:`detect_format`); ``kwargs`` go to that reader.
+
+    Raises:
+        ValueError: For an unknown ``fmt``, and whatever the reader raises.
+    """
+    if fmt == "auto":
+        fmt = detect_format(source, captions_file=kwargs.get("captions_file"))
+    readers: dict[str, Callable[..., list[CaptionRecord]]] = {
+        "csv": read_csv_captions,
+        "jsonl": read_jsonl_captions,
+        "folder": read_folder_captions,
+        "classes": read_class_captions,
+        "webdataset": _read_shards,
+    }
+    if fmt not in readers:
+        raise ValueError(
+            f"Unknown captions format {fmt!r}; use one of {['auto', *readers]}."
+        )
+    return readers[fmt](source, **kwargs)

@@ -1,0 +1,93 @@
+"""The caption record every reader returns, and the one check of a list of them."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["CaptionRecord", "validate_records"]
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One image and its description.
+
+    Attributes:
+        filename: Image path as the source gives it (relative to the image folder for
+            folder sources, as written for CSV/JSONL, the ``__key__`` for shards).
+        caption: The image's description; never empty.
+        label: Integer class label, or None if the source has no labels.
+    """
+
+    filename: str
+    caption: str
+    label: int | None = None
+
+
+def validate_records(
+    records: Iterable[CaptionRecord],
+    *,
+    source: str | os.PathLike[str] = "records",
+    locations: Sequence[str] | None = None,
+    unique: bool = True,
+) -> list[CaptionRecord]:
+    """Checks the records' types, file names, captions and labels.
+
+    Args:
+        records: The records (any iterable but a string; read once).
+        source: Where they came from, for error messages.
+        locations: Where each record is (``"file, line 3"``), for error messages.
+        unique: Refuse a file name that repeats.
+
+    Returns:
+        The records as a list.
+
+    Raises:
+        TypeError: If ``records`` is a string or not iterable, or an item is not a
+            :class:`CaptionRecord`.
+        ValueError: On an empty file name, an empty (or whitespace-only) caption, a
+            label that is not an int, a repeated file name, or no records at all.
+    """
+    name = os.fspath(source)
+    if isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
+        got = (
+            "a string" if isinstance(records, (str, bytes)) else type(records).__name__
+        )
+        raise TypeError(f"{name} must be a sequence of CaptionRecord, got {got}.")
+    records = list(records)
+
+    def where(i: int) -> str:
+        return locations[i] if locations is not None else f"{name}, record {i}"
+
+    seen: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, CaptionRecord):
+            raise TypeError(
+                f"{where(i)}: expected a CaptionRecord, got {type(record).__name__}."
+            )
+        if not isinstance(record.filename, str) or not record.filename.strip():
+            raise ValueError(f"{where(i)}: empty image file name.")
+        if not isinstance(record.caption, str) or not record.caption.strip():
+            raise ValueError(
+                f"{where(i)}: image {record.filename!r} has an empty caption."
+            )
+        if record.label is not None and (
+            isinstance(record.label, bool)
+            or not isinstance(record.label, numbers.Integral)
+        ):
+            raise ValueError(
+                f"{where(i)}: the label of {record.filename!r} must be an int or None, "
+                f"got {record.label!r}."
+            )
+        first = seen.setdefault(record.filename, i) if unique else i
+        if first != i:
+            raise ValueError(
+                f"{where(i)}: duplicate file name {record.filename!r} (first at "
+                f"{where(first).rsplit(', ', 1)[-1]}); each image needs exactly one "
+                "caption."
+            )
+    if not records:
+        raise ValueError(f"{name}: no captions found.")
+    return records

@@ -1,0 +1,216 @@
+"""Captions of webdataset shards, read as open_clip's ``--dataset-type webdataset`` does.
+
+img2dataset (and most CC3M/CC12M/LAION copies) store one sample per key in tar shards:
+``KEY.jpg``, ``KEY.txt``, ``KEY.json``. open_clip groups a shard's members by
+``__key__`` (webdataset's ``base_plus_ext``: the name up to the first dot of its base
+name), lower-cases the extension, skips metadata members and trains on the decoded
+``txt``; this module reads exactly those keys and captions with :mod:`tarfile` and
+webdataset's own key splitting. A local shard is opened for random access, so only
+the tar headers and the caption members are read (``benchmarks/results/
+shard_captions.md``); other URLs (``pipe:``, ``http:``) are streamed through
+:func:`webdataset.gopen`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from xclr_plugin.captions.records import CaptionRecord
+
+__all__ = ["expand_shard_urls", "iter_webdataset_captions", "read_webdataset_captions"]
+
+# webdataset's tar_file_iterator skips members matching this (its skip_meta default).
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _webdataset() -> Any:
+    try:
+        import webdataset
+    except ImportError as err:  # pragma: no cover - webdataset comes with open_clip
+        raise ImportError(
+            "Reading webdataset shards needs webdataset (pip install "
+            '"xclr-plugin[openclip]").'
+        ) from err
+    return webdataset
+
+
+def expand_shard_urls(urls: str) -> list[str]:
+    """The shards of ``urls`` as ``open_clip_train --train-data`` expands them
+    (``::``-joined lists, brace notation, ``WDS_`` environment variables).
+
+    Raises:
+        ValueError: If ``urls`` is not a non-empty string or expands to nothing.
+    """
+    if not isinstance(urls, str) or not urls.strip():
+        raise ValueError(
+            f"urls must be a non-empty string of shards (brace notation and '::' lists "
+            f"as open_clip accepts), got {urls!r}."
+        )
+    expanded = [str(u) for u in _webdataset().shardlists.expand_urls(urls) if u]
+    if not expanded:
+        raise ValueError(f"urls {urls!r} expand to no shard.")
+    return expanded
+
+
+def _caption_key(name: str, caption_key: str) -> str | None:
+    """The sample key of a caption member's name, None for any other member."""
+    from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+
+    if (
+        "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)
+    ) or _SKIP_META.match(name):
+        return None
+    key, ext = base_plus_ext(name)
+    return key if key is not None and ext.lower() == caption_key else None
+
+
+def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
+    """``(key, caption)`` of every caption member of one shard, in member order."""
+    local = url.removeprefix("file:")
+    seekable = ":" not in local.split("/", 1)[0] or os.path.exists(local)
+    try:
+        stream = open(local, "rb") if seekable else _webdataset().gopen(url, "rb")
+    except OSError as err:
+        raise ValueError(f"Cannot read shard {url!r}: {err}") from None
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    try:
+        with (
+            stream,
+            tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar,
+        ):
+            for info in tar:
+                tar.members = []  # one shard's headers need not stay in memory
+                key = _caption_key(info.name, caption_key) if info.isreg() else None
+                if key is None:
+                    continue
+                if key in seen:
+                    raise ValueError(
+                        f"Duplicate key {key!r} in shard {url!r}: two {caption_key!r} "
+                        "members (open_clip would train on both as separate samples)."
+                    )
+                seen.add(key)
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                try:
+                    out.append((key, data.decode("utf-8")))
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"Shard {url!r}, key {key!r}: the {caption_key!r} member is "
+                        f"not UTF-8 text ({err})."
+                    ) from None
+            if seekable:
+                # tarfile ends quietly at a damaged header after the first: refuse
+                # a shard whose rest is neither end-of-archive zeros nor a short tail.
+                stream.seek(tar.offset)
+                block = stream.read(tarfile.BLOCKSIZE)
+                if len(block) == tarfile.BLOCKSIZE and block.count(0) != len(block):
+                    raise tarfile.ReadError(f"bad tar header at byte {tar.offset}")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"Shard {url!r} is not a readable tar file: {err}") from None
+    return out
+
+
+def _iter_captions(
+    shards: list[str], caption_key: str, workers: int | None = None
+) -> Iterator[tuple[str, str, int]]:
+    """``(key, caption, shard index)``, shard by shard, read by ``workers`` processes."""
+    caption_key = caption_key.lower().lstrip(".")
+    workers = 1 if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}.")
+    with contextlib.ExitStack() as stack:
+        per_shard: Iterator[list[tuple[str, str]]]
+        if workers == 1:
+            per_shard = (_read_shard(url, caption_key) for url in shards)
+        else:
+            # Results in shard order. A fork server that imported this module forks
+            # cheap workers (spawn would import torch again; fork is unsafe with threads).
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context))
+            per_shard = pool.map(_read_shard, shards, itertools.repeat(caption_key))
+        for index, pairs in enumerate(per_shard):
+            for key, caption in pairs:
+                yield key, caption, index
+
+
+def iter_webdataset_captions(
+    urls: str, *, caption_key: str = "txt"
+) -> Iterator[tuple[str, str, str]]:
+    """Yields ``(key, caption, shard URL)`` for each sample with a caption.
+
+    Raises:
+        ValueError: For an unreadable shard, a caption that is not UTF-8, or a key with
+            two caption members in one shard.
+    """
+    shards = expand_shard_urls(urls)
+    for key, caption, index in _iter_captions(shards, caption_key):
+        yield key, caption, shards[index]
+
+
+def read_webdataset_captions(
+    urls: str,
+    *,
+    caption_key: str = "txt",
+    progress: bool = False,
+    workers: int | None = None,
+) -> list[CaptionRecord]:
+    """One record per sample of the shards, ``filename`` being the sample's ``__key__``.
+
+    Keys must be unique across all shards: ``__key__`` is what a caption cache is
+    looked up by, whatever order a shuffled or resampled pipeline uses.
+
+    Args:
+        urls: Shards as ``open_clip_train --train-data`` takes them.
+        caption_key: Extension of the caption member (``txt``, as open_clip).
+        progress: Show a tqdm bar over the shards.
+        workers: Processes reading whole shards in parallel (None or 1: this one);
+            worth it for hundreds of shards (the calling script needs the
+            ``if __name__ == "__main__":`` guard).
+
+    Returns:
+        Records in shard order, then member order.
+
+    Raises:
+        ValueError: For an unreadable shard, a duplicate key (naming both shards), an
+            empty caption (naming shard and key), or shards without any caption.
+    """
+    shards = expand_shard_urls(urls)
+    first_shard: dict[str, int] = {}
+    records: list[CaptionRecord] = []
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(shards), unit="shard", desc="reading shards", disable=not progress
+    ) as bar:
+        done = 0
+        for key, caption, index in _iter_captions(shards, caption_key, workers):
+            bar.update(index - done)
+            done = index
+            other = first_shard.setdefault(key, index)
+            if other != index:
+                raise ValueError(
+                    f"Duplicate key {key!r}: in shard {shards[other]!r} and in shard "
+                    f"{shards[index]!r}. Sample keys must be unique across shards to "
+                    "look up captions."
+                )
+            if not caption.strip():
+                raise ValueError(
+                    f"Shard {shards[index]!r}, key {key!r}: empty caption."
+                )
+            records.append(CaptionRecord(key, caption))
+        bar.update(len(shards) - done)
+    if not records:
+        raise ValueError(
+            f"No {caption_key!r} caption member in the shards {urls!r} "
+            f"({len(shards)} shard(s))."
+        )
+    return records

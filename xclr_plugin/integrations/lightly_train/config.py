@@ -1,0 +1,280 @@
+"""The ``xclr-train`` config: composed by hydra, typed and checked once.
+
+:class:`TrainConfig` is an OmegaConf structured config (a mistyped value such as
+``trainer.max_epochs=abc`` is refused by name) whose fields carry their ranges. Keys
+a section does not declare go to its ``extra`` and are passed on with it
+(``+trainer.log_every_n_steps=1``, ``collate.cj_prob``, a loss's own arguments).
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from hydra import compose, initialize_config_dir
+from lightly.cli._helpers import fix_input_path
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["CONFIG_DIR", "CONFIG_NAME", "TrainConfig", "load_config", "parse_config"]
+
+#: Folder of the hydra config, and the config's name.
+CONFIG_DIR = Path(__file__).parent
+CONFIG_NAME = "xclr_train"
+
+
+def _rule(default: Any, test: Callable[[Any], bool], expected: str) -> Any:
+    """A field whose value (unless None) must pass ``test``."""
+    return field(default=default, metadata={"rule": (test, expected)})
+
+
+def _at_least(low: int, default: Any) -> Any:
+    return _rule(default, lambda v: v >= low, f">= {low}")
+
+
+def _one_of(options: Sequence[str], default: str) -> Any:
+    return _rule(default, lambda v: v in options, f"one of {list(options)}")
+
+
+def _path() -> Any:
+    """A path field: empty means None; relative to the caller's folder on the CLI."""
+    return field(default=None, metadata={"path": True})
+
+
+def _is_bank(v: Any) -> bool:
+    ints = [v] if isinstance(v, int) else v if isinstance(v, list) else [None]
+    ok = all(isinstance(i, int) and not isinstance(i, bool) for i in ints)
+    return ok and (ints == [0] or (len(ints) == 2 and min(ints) > 0))
+
+
+@dataclass
+class Section:
+    """A config section; ``extra`` holds the keys it does not declare."""
+
+    prefix: ClassVar[str] = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, rule = getattr(self, f.name), f.metadata.get("rule")
+            key = f"{self.prefix}{f.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value!r}.")
+            if rule and value is not None and not rule[0](value):
+                raise ValueError(f"{key} must be {rule[1]}, got {value!r}.")
+            if f.metadata.get("path") and not value:
+                setattr(self, f.name, None)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The section as keyword arguments: its fields, then the extra keys."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**own, **self.extra}
+
+
+@dataclass
+class ModelConfig(Section):
+    prefix = "model."
+    name: str = _one_of([f"resnet-{n}" for n in (9, 18, 34, 50, 101, 152)], "resnet-18")
+    width: float = _rule(1.0, lambda v: v > 0, "> 0")
+    num_ftrs: int = _at_least(1, 32)
+    out_dim: int = _at_least(1, 128)
+
+
+@dataclass
+class CriterionConfig(Section):
+    """The loss name; every other key is a loss argument (None: the loss's default)."""
+
+    prefix = "criterion."
+    name: str = "ntxent"
+    temperature: float | None = None
+    target_temperature: float | None = None
+    gather_distributed: bool | None = None
+    memory_bank_size: Any = field(
+        default=None, metadata={"rule": (_is_bank, "0 or [num_entries, out_dim]")}
+    )
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The loss arguments that are set: every key but ``name`` that is not None."""
+        return {k: v for k, v in self.kwargs().items() if k != "name" and v is not None}
+
+
+@dataclass
+class OptimizerConfig(Section):
+    prefix = "optimizer."
+    lr: float = _at_least(0, 1.0)
+    weight_decay: float = _at_least(0, 1e-5)
+
+
+@dataclass
+class CollateConfig(Section):
+    prefix = "collate."
+    input_size: int = _at_least(1, 64)
+
+
+@dataclass
+class LoaderConfig(Section):
+    prefix = "loader."
+    batch_size: int = _at_least(1, 16)
+    shuffle: bool = True
+    num_workers: int = -1  # -1: one per CPU core
+    drop_last: bool = True
+
+
+_EPOCHS = ">= 1, or -1 for no limit"
+
+
+@dataclass
+class TrainerConfig(Section):
+    """Lightning ``Trainer`` arguments; ``gpus`` as lightly-ssl-train reads it."""
+
+    prefix = "trainer."
+    gpus: int | None = _at_least(0, None)
+    max_epochs: int | None = _rule(
+        None,
+        lambda v: v >= 1 or v == -1,
+        f"{_EPOCHS} (0 trains nothing and writes no checkpoint)",
+    )
+    max_steps: int = _rule(-1, lambda v: v >= 1 or v == -1, _EPOCHS)
+    accelerator: str | None = None
+    devices: Any = None
+    strategy: str | None = None
+    num_nodes: int = _at_least(1, 1)
+
+    def kwargs(self) -> dict[str, Any]:
+        """lightly-ssl-train's choice (GPU if there is one, DDP over ``gpus`` GPUs),
+        overridden by ``accelerator`` / ``devices`` / ``strategy`` where set."""
+        kwargs = super().kwargs()
+        gpu, gpus = torch.cuda.is_available(), kwargs.pop("gpus") or 1
+        many = gpu and gpus > 1
+        kwargs["accelerator"] = self.accelerator or ("gpu" if gpu else "cpu")
+        kwargs["devices"] = (
+            self.devices if self.devices is not None else gpus if many else 1
+        )
+        kwargs["strategy"] = self.strategy or ("ddp" if many else None)
+        if kwargs["strategy"] is None:
+            del kwargs["strategy"]  # Lightning's default
+        return kwargs
+
+    def world_size(self) -> int | None:
+        """The number of processes asked for; None where Lightning decides (auto, -1)."""
+        devices = self.kwargs()["devices"]
+        if isinstance(devices, str) and "," in devices:
+            devices = [d for d in devices.split(",") if d.strip()]
+        count = len(devices) if isinstance(devices, list) else devices
+        ok = isinstance(count, int) and not isinstance(count, bool) and count >= 1
+        return count * self.num_nodes if ok else None
+
+
+@dataclass
+class CheckpointConfig(Section):
+    prefix = "checkpoint_callback."
+    save_last: bool | None = True
+    save_top_k: int = _at_least(-1, 1)
+    dirpath: str | None = None
+
+
+@dataclass
+class SummaryConfig(Section):
+    prefix = "summary_callback."
+    max_depth: int = _at_least(-1, 1)
+
+
+@dataclass
+class CaptionsConfig(Section):
+    prefix = "captions."
+    source: str | None = _path()
+    format: str = _one_of(["auto", "csv", "jsonl", "folder", "classes"], "auto")
+    sep: str | None = None
+    img_key: str | None = None
+    caption_key: str | None = None
+    template: str = "a photo of a {}"
+    encoder: str | None = None
+    device: str = "cpu"
+    batch_size: int = _at_least(1, 256)
+    cache_dir: str | None = _path()
+    dtype: str = "float16"
+
+
+@dataclass
+class TrainConfig(Section):
+    """The whole ``xclr-train`` config (lightly-ssl-train's keys plus ours), typed."""
+
+    input_dir: str | None = _path()
+    checkpoint: str | None = _path()
+    pre_trained: bool = True
+    seed: int = _rule(1, lambda v: 0 <= v < 2**32, "in [0, 2**32)")
+    check_images: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    collate: CollateConfig = field(default_factory=CollateConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint_callback: CheckpointConfig = field(default_factory=CheckpointConfig)
+    summary_callback: SummaryConfig = field(default_factory=SummaryConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    environment_variable_names: dict[str, str] = field(default_factory=dict)
+
+
+def load_config(
+    overrides: Sequence[str] = (), updates: Mapping[str, Any] | None = None
+) -> DictConfig:
+    """Composes the config as the command line would, from hydra ``overrides``
+    (``["input_dir=images/"]``; an unknown key raises hydra's
+    ``ConfigCompositionException``) and nested ``updates`` merged on top."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    if updates:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(updates)))  # type: ignore[assignment]
+    return cfg
+
+
+def _split(cls: Any, values: Mapping[Any, Any]) -> dict[str, Any]:
+    """``values`` with the keys that dataclass ``cls`` does not declare in ``extra``."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {"extra": {}}
+    for key, value in values.items():
+        kind = hints.get(key) if key != "extra" else None
+        nested = is_dataclass(kind) and isinstance(value, Mapping)
+        if kind is None:
+            out["extra"][key] = value
+        else:
+            out[key] = _split(kind, value) if nested else value
+    return out
+
+
+def parse_config(
+    cfg: TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
+) -> TrainConfig:
+    """Types and checks a config once; a plain mapping is merged onto the defaults.
+
+    ``is_cli_call`` resolves relative paths against hydra's original working folder.
+
+    Raises:
+        ValueError: Naming the first key of the wrong type or range.
+    """
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    plain = OmegaConf.to_container(
+        cfg if isinstance(cfg, DictConfig) else load_config(updates=cfg), resolve=True
+    )
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(TrainConfig, _split(TrainConfig, plain))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        # Hydra reads a mistyped value as a string, which lightly and Lightning would
+        # only trip over deep inside training.
+        raise ValueError(f"{err.full_key}: {str(err.msg).splitlines()[0]}.") from None
+    assert isinstance(config, TrainConfig)
+    for section in (config, config.captions) if is_cli_call else ():
+        for f in fields(section):
+            if f.metadata.get("path") and getattr(section, f.name):
+                setattr(section, f.name, fix_input_path(getattr(section, f.name)))
+    return config

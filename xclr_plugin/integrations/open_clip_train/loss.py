@@ -1,0 +1,122 @@
+"""The loss open_clip's training loop calls: ``--loss`` from the registry, wrapped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xclr_plugin import registry
+from xclr_plugin.errors import NonFiniteLossError, UsageError
+from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY
+from xclr_plugin.integrations.open_clip_train.options import PROG, Options
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, Tensor) or bool(torch.isfinite(value.detach()).all())
+
+
+class FiniteLossCheck:
+    """Forward hook on the loss: stops training at the first non-finite loss.
+
+    open_clip alone logs such a loss, steps the optimizer with NaN gradients and saves
+    checkpoints full of NaN. This runs before ``backward``, so no weight is changed by
+    the bad step; the message names the inputs that were already non-finite.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        self.calls += 1
+        values = dict(out) if isinstance(out, dict) else {"loss": out}
+        if all(_finite(v) for v in values.values()):
+            return
+        bad = [k for k, v in kwargs.items() if not _finite(v) and v.is_floating_point()]
+        cause = (
+            f"non-finite inputs: {', '.join(bad)}"
+            if bad
+            else "all inputs were finite (try a larger --xclr-target-temperature or "
+            "--precision fp32/amp_bf16)"
+        )
+        shown = {
+            k: float(v.detach().float().item())
+            if isinstance(v, Tensor) and v.numel() == 1
+            else v
+            for k, v in values.items()
+        }
+        raise NonFiniteLossError(
+            f"non-finite loss {shown} at loss call {self.calls} ({cause}); training "
+            "stopped before this update, no checkpoint of it was written."
+        )
+
+
+class SampleCaptionTargets(nn.Module):
+    """Wraps an image-text loss: passes the rows of ``caption_embeddings`` as ``targets``.
+
+    open_clip calls it as ``loss(**model_out, output_dict=True)``; the rows are those
+    :data:`SAMPLE_INDEX_KEY` of ``model_out`` names (a caption cache or table).
+    """
+
+    def __init__(self, loss: nn.Module, caption_embeddings: Any) -> None:
+        super().__init__()
+        self.loss = loss
+        self.caption_embeddings = caption_embeddings
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the wrapped loss with ``targets`` looked up from the sample indices."""
+        indices = kwargs.pop(SAMPLE_INDEX_KEY, None)
+        if indices is None:
+            raise RuntimeError(
+                f"No {SAMPLE_INDEX_KEY!r} reached the loss: captions mode needs the "
+                "sample-index hooks of xclr-plugin on the model (run through "
+                f"{PROG} / patch_open_clip_train)."
+            )
+        targets = self.caption_embeddings[indices.long().cpu()]
+        targets = torch.as_tensor(targets).to(device=indices.device)
+        return self.loss(*args, targets=targets, **kwargs)
+
+
+def build_loss(
+    options: Options, args: argparse.Namespace, caption_embeddings: Any = None
+) -> nn.Module:
+    """``--loss`` from the registry with open_clip's distributed settings, checked.
+
+    Only arguments the loss accepts are passed, so a registered ``clip`` gets exactly
+    what ``open_clip.create_loss`` would pass.
+    """
+    assert options.loss is not None
+    candidates: dict[str, Any] = {
+        "local_loss": args.local_loss,
+        "gather_with_grad": args.gather_with_grad,
+        "cache_labels": True,
+        "rank": args.rank,
+        "world_size": args.world_size,
+        "use_horovod": args.horovod,
+        "dist_impl": args.loss_dist_impl,
+    }
+    if options.xclr_target_mode is not None:
+        candidates["target_mode"] = options.xclr_target_mode
+        if options.xclr_target_temperature is not None:
+            candidates["target_temperature"] = options.xclr_target_temperature
+    accepted = registry.parameter_names(registry.loss_info(options.loss).load())
+    kwargs = {k: v for k, v in candidates.items() if accepted is None or k in accepted}
+    for key in ("target_mode", "target_temperature"):
+        if key in candidates and key not in kwargs:
+            raise UsageError(f"--loss {options.loss!r} does not accept {key}.")
+    loss = registry.create_loss(options.loss, **kwargs)
+    if caption_embeddings is not None:
+        loss = SampleCaptionTargets(loss, caption_embeddings)
+    loss.register_forward_hook(FiniteLossCheck(), with_kwargs=True)
+    logging.info(f"{PROG}: --loss {options.loss} -> {loss!r}")
+    if mode := options.xclr_target_mode:
+        cache = options.xclr_caption_cache
+        source = f"cache {cache}" if cache else "start-up embedding"
+        source = "detached text features" if mode == "clip-text" else source
+        logging.info(f"{PROG}: X-CLR targets: {mode} ({source})")
+    return loss

@@ -1,0 +1,264 @@
+"""The flags ``xclr-openclip-train`` adds to ``open_clip_train.main``: parsed, checked.
+
+:func:`check` refuses, with open_clip's ``args`` at hand, what open_clip would refuse
+only after creating its run folder ``logs/NAME`` (a re-run then says "Experiment
+already exists") or would loop on for ever (empty shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from xclr_plugin import registry
+from xclr_plugin.errors import ArgumentParser, UsageError
+
+PROG = "xclr-openclip-train"
+
+
+def _flag(help: str, **kwargs: Any) -> Any:
+    return field(default=kwargs.pop("default", None), metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class Options:
+    """This command's flags, one field each (open_clip's stay in its ``args``)."""
+
+    loss: str | None = _flag(
+        "image-text loss from the xclr-plugin registry, e.g. clip, siglip, xclr-clip "
+        "(default: open_clip's choice)",
+        metavar="NAME",
+    )
+    #: After :func:`check`: None exactly when the loss takes no captions.
+    xclr_target_mode: str | None = _flag(
+        "captions: frozen sentence-encoder embeddings of each sample's caption (needs "
+        "a CSV/TSV or webdataset --train-data); clip-text: the batch's detached text "
+        "features (default: captions)",
+        choices=("captions", "clip-text"),
+    )
+    xclr_target_temperature: float | None = _flag(
+        "temperature of the soft target distribution (default: the loss's, 0.1)",
+        type=float,
+        metavar="TAU_S",
+    )
+    xclr_text_encoder: str | None = _flag(
+        "sentence-transformers model name or folder (default: the packaged "
+        "all-MiniLM-L6-v2, offline)",
+        metavar="MODEL",
+    )
+    xclr_text_device: str = _flag(
+        "device of the sentence encoder when embedding at start-up (default: cpu)",
+        default="cpu",
+    )
+    xclr_caption_cache: str | None = _flag(
+        "caption-embedding cache of the training data, built with 'xclr-embed-captions "
+        "TRAIN.csv -o DIR' or 'xclr-embed-captions --format webdataset SHARDS -o DIR' "
+        "(default: embed the captions at start-up)",
+        metavar="DIR",
+    )
+
+    def xclr_flags_given(self) -> list[str]:
+        """The X-CLR flags set on the command line (those differing from the default)."""
+        return [
+            "--" + f.name.replace("_", "-")
+            for f in fields(self)[1:]
+            if getattr(self, f.name) != f.default
+        ]
+
+
+def parser() -> ArgumentParser:
+    """The parser of this command's flags (open_clip's flags are not in it)."""
+    parser = ArgumentParser(
+        prog=PROG,
+        description="open_clip_train.main with --loss NAME (X-CLR and any registered "
+        "image-text loss). All open_clip_train arguments are accepted unchanged.",
+        add_help=False,
+        allow_abbrev=False,  # never swallow an abbreviated open_clip flag such as --lo
+    )
+    loss = parser.add_argument_group("loss selection (xclr-plugin)")
+    xclr = parser.add_argument_group("X-CLR targets (losses with caption targets)")
+    for f in fields(Options):
+        group = loss if f.name == "loss" else xclr
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(flag, default=f.default, **f.metadata)
+    return parser
+
+
+def parse(argv: Sequence[str]) -> tuple[Options, list[str]]:
+    """Splits ``argv`` into this command's options and the arguments left for open_clip."""
+    namespace, rest = parser().parse_known_args(list(argv))
+    return Options(**vars(namespace)), rest
+
+
+def check(options: Options, args: argparse.Namespace) -> Options:
+    """``options`` checked with open_clip's ``args``, ``xclr_target_mode`` resolved."""
+    name, given = options.loss, options.xclr_flags_given()
+    if name is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} need --loss (e.g. --loss xclr-clip).")
+        return options
+    try:
+        spec = registry.loss_info(name)
+    except ValueError as err:
+        raise UsageError(f"--loss: {err}") from None
+    if spec.inputs != "image-text":
+        fitting = [n for n in registry.list_losses() if _is_image_text(n)]
+        raise UsageError(
+            f"--loss {name!r} is a {spec.inputs} (lightly-style) loss; open_clip trains "
+            f"image-text models and needs an image-text loss: {', '.join(fitting)}."
+        )
+    if getattr(args, "distill_model", None) and getattr(
+        args, "distill_pretrained", None
+    ):
+        raise UsageError(
+            "--loss cannot be combined with --distill-model/--distill-pretrained "
+            "(distillation has its own loss in open_clip); drop one of them."
+        )
+    if "coca" in str(args.model).lower():
+        raise UsageError(
+            f"--loss does not support CoCa models (--model {args.model}), whose "
+            "captioning loss open_clip builds itself; drop --loss."
+        )
+    _check_open_clip_args(args)
+    if spec.targets != "captions":
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} only apply to losses with caption targets (such as "
+                f"xclr-clip); --loss {name!r} takes none."
+            )
+        return options
+    if options.xclr_target_temperature is not None:
+        from xclr_plugin.loss import validate_temperature
+
+        try:
+            validate_temperature(
+                "--xclr-target-temperature", options.xclr_target_temperature
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    mode = options.xclr_target_mode or "captions"
+    for flag in ("xclr_text_encoder", "xclr_caption_cache"):
+        if mode == "clip-text" and getattr(options, flag) is not None:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} is only used with --xclr-target-mode "
+                "captions; clip-text targets come from the model's text features."
+            )
+    return dataclasses.replace(options, xclr_target_mode=mode)
+
+
+def _is_image_text(name: str) -> bool:
+    try:
+        return registry.loss_info(name).inputs == "image-text"
+    except (ValueError, ImportError):
+        return False
+
+
+def world_size() -> int:
+    """The number of training processes (torchrun's ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def train_data_kind(args: argparse.Namespace) -> str | None:
+    """Which open_clip dataset ``--train-data`` selects (``get_dataset_fn``'s rule)."""
+    kind = args.dataset_type
+    if kind == "synthetic" or not args.train_data:
+        return "synthetic" if kind == "synthetic" else None
+    ext = str(args.train_data).split(".")[-1]
+    if kind == "auto":
+        kind = {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext, kind)
+    if kind not in ("csv", "webdataset"):
+        raise UsageError(
+            f"--train-data {args.train_data!r}: open_clip cannot tell its type from the "
+            f"extension {ext!r}; give --dataset-type csv or --dataset-type webdataset."
+        )
+    return str(kind)
+
+
+def is_local(url: str) -> bool:
+    """Whether a shard URL is a local file path (not ``pipe:``, ``http:``, ...)."""
+    head = url.split("/", 1)[0]
+    return url.startswith("file:") or ":" not in head or len(head) == 2  # C: drives
+
+
+def _check_open_clip_args(args: argparse.Namespace) -> None:
+    kind = train_data_kind(args)
+    if kind is None:
+        raise UsageError(
+            f"--loss {args.loss} trains a model: give --train-data (a CSV/TSV file or "
+            "webdataset shards), or --dataset-type synthetic."
+        )
+    for flag, low in (("accum_freq", 1), ("batch_size", 1), ("workers", 0)):
+        if getattr(args, flag) < low:
+            name = "--" + flag.replace("_", "-")
+            raise UsageError(f"{name} must be >= {low}, got {getattr(args, flag)}.")
+    log_file = "out-0" if args.log_local else "out.log"
+    run = os.path.join(args.logs, args.name) if args.name else None
+    if run and args.resume != "latest" and os.path.exists(os.path.join(run, log_file)):
+        # open_clip returns -1 on the first rank only; the other ranks would hang.
+        raise UsageError(
+            f"the experiment {run!r} already exists; give another --name (or "
+            "--resume latest to continue it)."
+        )
+    if args.lock_text and not args.lock_text_freeze_layer_norm and not _hf_text(args):
+        raise UsageError(
+            "--lock-text needs --lock-text-freeze-layer-norm with open_clip's own "
+            "text towers (open_clip does not support unfreezing their LayerNorm)."
+        )
+    if kind == "csv" and not os.path.isfile(args.train_data):
+        raise UsageError(f"--train-data {args.train_data!r} does not exist.")
+    if kind == "webdataset":
+        _check_shards(args)
+
+
+def _hf_text(args: argparse.Namespace) -> bool:
+    """Whether ``--model`` has a Hugging Face text tower (unknown names: no)."""
+    try:
+        from open_clip import get_model_config
+
+        return bool((get_model_config(args.model) or {})["text_cfg"]["hf_model_name"])
+    except Exception:
+        return False
+
+
+def _check_shards(args: argparse.Namespace) -> None:
+    from xclr_plugin.captions.shards import expand_shard_urls
+
+    try:
+        shards = expand_shard_urls(args.train_data)
+    except ValueError as err:
+        raise UsageError(f"--train-data: {err}") from None
+    local = {u: u.removeprefix("file:") for u in shards if is_local(u)}
+    missing = [u for u, path in local.items() if not os.path.isfile(path)]
+    # open_clip skips unreadable shards; with nothing left to read it loops for ever.
+    empty = [
+        u for u, path in local.items() if not missing and not os.path.getsize(path)
+    ]
+    for problem, bad in (("do not exist", missing), ("are empty files", empty)):
+        if bad:
+            raise UsageError(
+                f"--train-data: {len(bad)} of {len(shards)} shard(s) {problem}, the "
+                f"first is {bad[0]!r}."
+            )
+    if args.train_num_samples is None:
+        from open_clip_train.data import get_dataset_size
+
+        if get_dataset_size(args.train_data)[0] is None:
+            raise UsageError(
+                "--dataset-type webdataset needs --train-num-samples (no sizes.json or "
+                "__len__ file next to the shards tells open_clip how many samples an "
+                "epoch has)."
+            )
+    elif args.train_num_samples < 1:
+        raise UsageError(
+            f"--train-num-samples must be >= 1, got {args.train_num_samples}."
+        )
+    if not args.dataset_resampled and len(shards) < args.workers * world_size():
+        raise UsageError(
+            f"--train-data has {len(shards)} shard(s), fewer than --workers "
+            f"{args.workers} x {world_size()} process(es); open_clip gives every worker "
+            "its own shards. Use fewer --workers, more shards or --dataset-resampled."
+        )

@@ -1,0 +1,130 @@
+"""``open_clip_train`` with ``--loss NAME``: its module globals patched while it runs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+from unittest import mock
+
+from xclr_plugin.errors import UsageError
+from xclr_plugin.integrations.open_clip_train.data import (
+    attach_sample_index_hooks,
+    indexed_csv_dataset,
+    keyed_get_wds_dataset,
+)
+from xclr_plugin.integrations.open_clip_train.loss import build_loss
+from xclr_plugin.integrations.open_clip_train.options import PROG, Options, check
+from xclr_plugin.integrations.open_clip_train.targets import caption_embeddings
+
+
+def require_open_clip_3() -> None:
+    """Refuses an open_clip other than 3.x, or one without the globals patched here."""
+    try:
+        import open_clip
+        import open_clip_train.data as ocd
+        import open_clip_train.main as ocm
+    except ImportError as err:
+        raise UsageError(
+            f"{PROG} needs open_clip_torch 3.x with its training extra ({err}). Install "
+            'it: pip install "xclr-plugin[openclip]"'
+        ) from err
+    version = str(getattr(open_clip, "__version__", "unknown"))
+    if version.split(".")[0] != "3":
+        raise UsageError(
+            f"{PROG} supports open_clip_torch 3.x (the open_clip_train.main API it "
+            f"patches), found {version}. Install a supported version: pip install "
+            '"open_clip_torch[training]>=3.3,<4".'
+        )
+    patched = ["main", "parse_args", "create_loss", "create_model_and_transforms"]
+    missing = [f"{ocm.__name__}.{n}" for n in patched if not hasattr(ocm, n)]
+    missing += [f"{ocd.__name__}.CsvDataset"] if not hasattr(ocd, "CsvDataset") else []
+    if missing:
+        raise UsageError(
+            f"open_clip_torch {version} lacks {', '.join(missing)}, which {PROG} patches; "
+            "install open_clip_torch[training]>=3.3,<4."
+        )
+
+
+@contextlib.contextmanager
+def preserve_logging() -> Iterator[None]:
+    """Undoes what ``open_clip_train``'s ``setup_logging`` does to global logging.
+
+    It adds root handlers (one writing to the run's ``out.log``) and sets every
+    logger's level; without this, runs in one process (tests, notebooks) log into
+    each other's files and leave torch's loggers verbose.
+    """
+    handlers = list(logging.root.handlers)
+    names = ["", *logging.root.manager.loggerDict]
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        yield
+    finally:
+        for handler in [h for h in logging.root.handlers if h not in handlers]:
+            logging.root.removeHandler(handler)
+            handler.close()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def patch_open_clip_train(options: Options) -> Iterator[None]:
+    """Patches ``open_clip_train`` for ``options`` while the block runs.
+
+    ``parse_args`` stores the options on ``args`` (so they show in ``params.txt``) and
+    checks them; with ``--loss`` it patches ``create_loss`` and, in captions mode, what
+    carries the rows: ``create_model_and_transforms``, ``CsvDataset``, ``get_wds_dataset``.
+    """
+    require_open_clip_3()
+    import open_clip_train.data as ocd
+    import open_clip_train.main as ocm
+
+    with contextlib.ExitStack() as stack:
+
+        def patch(module: Any, name: str, value: Any) -> None:
+            stack.enter_context(mock.patch.object(module, name, value))
+
+        def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+            args: argparse.Namespace = original_parse_args(argv)
+            vars(args).update(dataclasses.asdict(options))
+            checked = check(options, args)
+            args.xclr_target_mode = checked.xclr_target_mode
+            if checked.loss is None:
+                return args
+            if checked.loss == "siglip":
+                args.siglip = True  # open_clip's SigLIP model init (logit scale, bias)
+            embeddings = None
+            if checked.xclr_target_mode == "captions":
+                embeddings = caption_embeddings(checked, args)
+                patch(ocm, "create_model_and_transforms", _with_hooks(ocm))
+                patch(ocd, "CsvDataset", indexed_csv_dataset(ocd.CsvDataset))
+                patch(ocd, "get_wds_dataset", keyed_get_wds_dataset(ocd, embeddings))
+            patch(ocm, "create_loss", lambda a: build_loss(checked, a, embeddings))
+            return args
+
+        original_parse_args = ocm.parse_args
+        stack.enter_context(preserve_logging())
+        patch(ocm, "parse_args", parse_args)
+        yield
+
+
+def _with_hooks(ocm: Any) -> Any:
+    """``create_model_and_transforms`` that puts the sample-index hooks on the model."""
+    original = ocm.create_model_and_transforms
+
+    def create_model_and_transforms(*args: Any, **kwargs: Any) -> Any:
+        created = original(*args, **kwargs)  # once: a distill teacher is refused
+        context_length = int(getattr(created[0], "context_length", 0) or 0)
+        if context_length <= 0:
+            raise UsageError(
+                f"--xclr-target-mode captions: the model {args[0] if args else ''!r} "
+                "reports no context_length, needed to carry sample indices; use "
+                "--xclr-target-mode clip-text."
+            )
+        attach_sample_index_hooks(created[0], context_length)
+        return created
+
+    return create_model_and_transforms
