@@ -187,7 +187,11 @@ def serve(path: str) -> None:
                 waiting[pid] = (conn, what, time.monotonic())
             else:
                 conn.close()
-                waiting[pid] = (None, f"python session in {message['cwd']}", time.monotonic())
+                waiting[pid] = (
+                    None,
+                    f"python session in {message['cwd']}",
+                    time.monotonic(),
+                )
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -196,13 +200,13 @@ def serve(path: str) -> None:
             if pid == 0:
                 break
             if pid in waiting:
-                conn, what, start = waiting.pop(pid)
+                client, what, start = waiting.pop(pid)
                 code = os.waitstatus_to_exitcode(status)
                 code = code if code >= 0 else 128 - code
-                if conn is not None:
+                if client is not None:
                     with contextlib.suppress(OSError):
-                        send(conn, {"status": code})
-                    conn.close()
+                        send(client, {"status": code})
+                    client.close()
                 cpu = usage.ru_utime + usage.ru_stime
                 wall = time.monotonic() - start
                 print(f"[{wall:5.1f} s wall {cpu:5.1f} s cpu] exit {code}: {what}")

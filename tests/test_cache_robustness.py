@@ -484,6 +484,7 @@ def test_read_only_folder_uses_a_finished_cache(
     built: CaptionCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shared cache this user cannot write: the lock file cannot be created."""
+
     class ReadOnly(filelock.FileLock):  # type: ignore[misc, valid-type]
         def acquire(self, *args: Any, **kwargs: Any) -> Any:
             raise PermissionError(30, "Read-only file system", str(self.lock_file))

@@ -41,7 +41,8 @@ NEG_TEMP = "TestNTXentLoss::test_forward_pass_neg_temp"
 
 Outcomes = dict[str, tuple[str, str]]  # test id -> (outcome, message)
 
-#: Seed of every vendored test; host and ours pass with it (checked with seeds 0-9).
+#: Seed of every vendored test. Seeds 0-9 all pass for host and ours; unseeded,
+#: lightly's own test_forward_pass_1d fails for about 1 seed in 27 (31, 83, ...).
 SEED = 0
 SEEDING_CONFTEST = """
 import numpy as np

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -45,7 +46,7 @@ RUN_LANGUAGES = {"python", "bash"}
 FORBIDDEN_LANGUAGES = {"py", "python3", "pycon", "sh", "shell", "console", "zsh"}
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
 TIMEOUT = 300.0
-BASH_STATE = "$DOCS_ROOT/bash_state.sh"
+BASH_STATE = '"$DOCS_ROOT/bash_state.sh"'
 
 # The open_clip model of the docs' commands (`--model "$MODEL"`): a 32-pixel ViT.
 TINY_MODEL = "xclr-docs-tiny"
@@ -269,7 +270,8 @@ def python_argv(args):
 
 argv = [TARGET, *sys.argv[1:]] if TARGET else python_argv(sys.argv[1:])
 server = os.environ.get("XCLR_DOCS_SERVER")
-if argv is None or not server:
+# The server's modules are imported already: another import path needs a fresh python.
+if argv is None or not server or os.environ.get("PYTHONPATH"):
     os.execv(REAL_PYTHON, [REAL_PYTHON, *(argv if TARGET else sys.argv[1:])])
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 conn.connect(server)
@@ -279,6 +281,13 @@ socket.send_fds(conn, [json.dumps(message).encode()], [0, 1, 2])
 reply = conn.recv(1 << 16)
 sys.exit(json.loads(reply)["status"] if reply else 1)
 '''
+
+CHECKPOINT = """
+import os, open_clip, torch
+os.makedirs("checkpoints")
+model = open_clip.create_model(os.environ["MODEL"])
+torch.save({"epoch": 32, "state_dict": model.state_dict()}, "checkpoints/epoch_32.pt")
+"""
 
 # Sourced before each shell block: the variables the page's earlier blocks set (as in
 # one terminal), and saved again when the block exits.
@@ -364,6 +373,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
         "XCLR_DOCS_SERVER": path,
         "DOCS_ROOT": str(root),
         "MODEL": TINY_MODEL,
+        "GPUS": "1",
         # The repository, for the pages that show its own files (upstream, benchmarks).
         "XCLR": str(ROOT),
     }
@@ -385,8 +395,14 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     deadline = time.monotonic() + TIMEOUT
     while "ready" not in (root / "server.log").read_text().splitlines():
         if server.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"docs server did not start:\n{(root / 'server.log').read_text()}")
+            pytest.fail(
+                f"docs server did not start:\n{(root / 'server.log').read_text()}"
+            )
         time.sleep(0.1)
+    # checkpoints/epoch_32.pt: "your checkpoint" of $MODEL in the open_clip examples.
+    subprocess.run(
+        [str(root / "bin" / "python"), "-c", CHECKPOINT], cwd=data, env=env, check=True
+    )
     ws = Workspace(root, data, env, path)
     try:
         yield ws
@@ -409,15 +425,21 @@ class PageRun:
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
+            self.session = None
 
     def run(self, block: Block) -> str | None:
         """Runs ``block`` once (and the page's earlier blocks first); its error."""
-        for earlier in read_blocks(block.page):
+        blocks = [
+            b for b in read_blocks(block.page) if b.lang in RUN_LANGUAGES and not b.skip
+        ]
+        for earlier in blocks:
             if earlier.line >= block.line:
                 break
-            if earlier.lang in RUN_LANGUAGES and not earlier.skip:
-                self._once(earlier)
-        return self._once(block)
+            self._once(earlier)
+        error = self._once(block)
+        if block.line == blocks[-1].line:  # the page is done: end its Python session
+            self.close()
+        return error
 
     def _once(self, block: Block) -> str | None:
         if block.line not in self.results:
@@ -437,13 +459,16 @@ class PageRun:
         env = {**self.workspace.env, "DOCS_STATE": str(state)}
         try:
             out = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", f". {BASH_STATE}; . {script}"],
+                ["bash", "-euo", "pipefail", "-c", f". {BASH_STATE}; . {shlex.quote(str(script))}"],
                 cwd=self.folder, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 timeout=TIMEOUT, check=False,
             )  # fmt: skip
         except subprocess.TimeoutExpired as err:
-            return f"timed out after {TIMEOUT:.0f} s:\n{err.stdout}"
+            output = (
+                err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout
+            )
+            return f"timed out after {TIMEOUT:.0f} s:\n{output}"
         print(out.stdout)
         return None if out.returncode == 0 else f"exit {out.returncode}:\n{out.stdout}"
 
@@ -481,5 +506,7 @@ def test_example_runs(block: Block, workspace: Workspace) -> None:
         failed_before = [
             line for line, err in run.results.items() if err and line < block.line
         ]
-        note = f" (earlier blocks failed: lines {failed_before})" if failed_before else ""
+        note = (
+            f" (earlier blocks failed: lines {failed_before})" if failed_before else ""
+        )
         pytest.fail(f"{block.id}{note}:\n{error[-6000:]}", pytrace=False)

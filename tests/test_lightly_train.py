@@ -653,11 +653,20 @@ def test_check_images_false_skips_the_image_check(
     (folder / "02.png").write_bytes(b"not a png")
     plans: list[Any] = []
     monkeypatch.setattr(training, "fit", plans.append)
+    built: list[str] = []
+    create_loss = training.create_loss
+
+    def counting_create_loss(name: str, **kwargs: Any) -> torch.nn.Module:
+        built.append(name)
+        return create_loss(name, **kwargs)
+
+    monkeypatch.setattr(training, "create_loss", counting_create_loss)
     with pytest.raises(ValueError, match=r"02\.png cannot be read"):
         train(load_config([f"input_dir={folder}", *FAST]))
     # Skipped, the same file only fails inside the epoch, as lightly-ssl-train does.
     train(load_config([f"input_dir={folder}", *FAST, "check_images=false"]))
     assert len(plans) == 1
+    assert built == ["ntxent"]  # the criterion is built once per run
 
 
 def test_batches_across_processes(flat_folder: Path) -> None:

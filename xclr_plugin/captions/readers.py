@@ -1,13 +1,4 @@
-"""JSONL, image-folder (sidecar CSV) and class-folder captions; any source by format.
-
-- :func:`read_jsonl_captions`: one JSON object per line.
-- :func:`read_folder_captions`: an image folder as :class:`lightly.data.LightlyDataset`
-  lists it, plus a sidecar ``filename,caption`` CSV with names relative to the folder.
-- :func:`read_class_captions`: a labelled folder (one subfolder per class), each image
-  captioned from its class name with a template such as ``"a photo of a {}"``.
-- :func:`read_captions` reads any of them, CSV/TSV and webdataset shards included,
-  by ``fmt`` (or :func:`detect_format`).
-"""
+"""JSONL, image-folder (sidecar CSV) and class-folder captions; any source by format."""
 
 from __future__ import annotations
 
@@ -52,9 +43,7 @@ def read_jsonl_captions(
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: Naming the file and line of a line that is not a JSON object,
-            lacks a key or holds a non-string name or caption, of an empty caption or
-            a repeated file name.
+        ValueError: Naming the file and line of the first bad object or record.
     """
     records: list[CaptionRecord] = []
     locations: list[str] = []
@@ -88,16 +77,12 @@ def read_jsonl_captions(
                 locations.append(where)
         except UnicodeDecodeError as err:
             raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({err}).") from err
-    return validate_records(records, source=path, locations=locations)
+    return validate_records(records, source=path, where=locations.__getitem__)
 
 
 def _lightly_folder(image_dir: str | os.PathLike[str]) -> Any:
-    """The folder as :class:`lightly.data.LightlyDataset` lists it.
-
-    Raises:
-        FileNotFoundError: If the folder does not exist.
-        ValueError: If it holds no images.
-    """
+    """The folder as :class:`lightly.data.LightlyDataset` lists it (which must
+    exist and hold images)."""
     from lightly.data import LightlyDataset
 
     if not os.path.isdir(image_dir):
@@ -118,11 +103,10 @@ def read_folder_captions(
 ) -> list[CaptionRecord]:
     """Captions of an image folder from a sidecar CSV (default ``image_dir/captions.csv``).
 
-    Sidecar file names are relative to ``image_dir``, as
-    ``LightlyDataset(image_dir).get_filenames()`` returns them (``"class/img.png"``
-    with subfolders). Every image needs exactly one caption and every caption an
-    image. Records follow LightlyDataset's order, labelled by its targets when the
-    folder has subfolders.
+    Sidecar names are those ``LightlyDataset(image_dir).get_filenames()`` gives
+    (``"class/img.png"`` with subfolders); every image needs exactly one caption and
+    every caption an image. Records follow the dataset, labelled by its targets when
+    the folder has subfolders.
 
     Raises:
         FileNotFoundError: If the folder or sidecar is missing, or the sidecar names
@@ -142,7 +126,8 @@ def read_folder_captions(
         )
     dataset = _lightly_folder(image_dir)
     targets = getattr(dataset.dataset, "targets", None)
-    labelled = hasattr(dataset.dataset, "classes") and targets is not None
+    if not hasattr(dataset.dataset, "classes") or targets is None:
+        targets = [None] * len(dataset)
     records: list[CaptionRecord] = []
     for i, filename in enumerate(dataset.get_filenames()):
         caption = by_name.pop(Path(filename).as_posix(), None)
@@ -151,8 +136,9 @@ def read_folder_captions(
                 f"Image {filename!r} in {os.fspath(image_dir)} has no caption in "
                 f"{os.fspath(captions_file)}."
             )
+        label = targets[i]
         records.append(
-            CaptionRecord(filename, caption, int(targets[i]) if labelled else None)
+            CaptionRecord(filename, caption, None if label is None else int(label))
         )
     if by_name:
         raise FileNotFoundError(
@@ -163,12 +149,7 @@ def read_folder_captions(
 
 
 def check_template(template: Any) -> str:
-    """Checks a class-caption template: text with exactly one ``{}`` field.
-
-    Raises:
-        ValueError: If it is not a string, is malformed (``"a {"``), or has no, more
-            than one, or a named/numbered field (``"a {} {name}"``).
-    """
+    """The template if it is text with exactly one ``{}`` field, else a ValueError."""
     if not isinstance(template, str):
         raise ValueError(
             f"template must be a string with one '{{}}' for the class name, got "
@@ -199,10 +180,9 @@ def read_class_captions(
 ) -> list[CaptionRecord]:
     """Captions a labelled folder (one subfolder per class) from its class names.
 
-    Images, order, file names (``"class/img.png"``) and labels are those of
-    ``LightlyDataset(image_dir)`` (torchvision's ``ImageFolder``: classes sorted). Each
-    caption is ``template.format(name)``, ``name`` being ``class_names[folder]`` if
-    given, else the folder name with ``_`` read as spaces.
+    Images, file names and labels are ``LightlyDataset(image_dir)``'s; each caption
+    is ``template.format(name)``, ``name`` being ``class_names[folder]`` if given,
+    else the folder name with ``_`` read as spaces.
 
     Raises:
         FileNotFoundError: If the folder does not exist.
@@ -227,13 +207,10 @@ def read_class_captions(
 
 
 def detect_format(source: str | os.PathLike[str], *, captions_file: Any = None) -> str:
-    """Guesses the caption format of a source path.
-
-    Shards (``.tar``, also in brace notation or ``::`` lists, as open_clip's
-    ``--dataset-type auto``) are ``"webdataset"``; a folder with a ``captions.csv``
-    sidecar (or an explicit ``captions_file``) is ``"folder"``, any other folder
-    ``"classes"``; ``*.jsonl``/``*.json`` files are ``"jsonl"``; anything else ``"csv"``.
-    """
+    """The caption format of a source path: ``.tar`` shards (also braced or
+    ``::``-joined, as open_clip's ``--dataset-type auto``) are ``"webdataset"``, a
+    folder with a sidecar ``"folder"`` (else ``"classes"``), ``*.jsonl``/``*.json``
+    ``"jsonl"``, anything else ``"csv"``."""
     text = os.fspath(source)
     if os.path.isdir(text):
         sidecar = os.path.join(text, DEFAULT_SIDECAR)

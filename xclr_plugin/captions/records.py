@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = ["CaptionRecord", "validate_records"]
@@ -30,25 +30,19 @@ def validate_records(
     records: Iterable[CaptionRecord],
     *,
     source: str | os.PathLike[str] = "records",
-    locations: Sequence[str] | None = None,
+    where: Callable[[int], str] | None = None,
     unique: bool = True,
 ) -> list[CaptionRecord]:
-    """Checks the records' types, file names, captions and labels.
+    """The records (any iterable but a string) as a list, checked once.
 
-    Args:
-        records: The records (any iterable but a string; read once).
-        source: Where they came from, for error messages.
-        locations: Where each record is (``"file, line 3"``), for error messages.
-        unique: Refuse a file name that repeats.
-
-    Returns:
-        The records as a list.
+    Errors name ``source`` and the record (``where(i)``, such as ``"file, line 3"``,
+    else its index).
 
     Raises:
         TypeError: If ``records`` is a string or not iterable, or an item is not a
             :class:`CaptionRecord`.
-        ValueError: On an empty file name, an empty (or whitespace-only) caption, a
-            label that is not an int, a repeated file name, or no records at all.
+        ValueError: On an empty file name or caption, a label that is not an int, a
+            repeated file name (with ``unique``), or no records at all.
     """
     name = os.fspath(source)
     if isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
@@ -58,9 +52,7 @@ def validate_records(
         raise TypeError(f"{name} must be a sequence of CaptionRecord, got {got}.")
     records = list(records)
 
-    def where(i: int) -> str:
-        return locations[i] if locations is not None else f"{name}, record {i}"
-
+    where = where or (lambda i: f"{name}, record {i}")
     seen: dict[str, int] = {}
     for i, record in enumerate(records):
         if not isinstance(record, CaptionRecord):

@@ -19,7 +19,7 @@ import multiprocessing as mp
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -77,7 +77,7 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
     local = url.removeprefix("file:")
     seekable = ":" not in local.split("/", 1)[0] or os.path.exists(local)
     try:
-        stream = open(local, "rb") if seekable else _webdataset().gopen(url, "rb")
+        stream = open(local, "rb") if seekable else _webdataset().gopen(url, "rb")  # noqa: SIM115
     except OSError as err:
         raise ValueError(f"Cannot read shard {url!r}: {err}") from None
     out: list[tuple[str, str]] = []
@@ -88,7 +88,7 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
             tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar,
         ):
             for info in tar:
-                tar.members = []  # one shard's headers need not stay in memory
+                tar.members = []  # type: ignore[attr-defined]  # one shard's headers need not stay in memory
                 key = _caption_key(info.name, caption_key) if info.isreg() else None
                 if key is None:
                     continue
@@ -168,16 +168,10 @@ def read_webdataset_captions(
     Keys must be unique across all shards: ``__key__`` is what a caption cache is
     looked up by, whatever order a shuffled or resampled pipeline uses.
 
-    Args:
-        urls: Shards as ``open_clip_train --train-data`` takes them.
-        caption_key: Extension of the caption member (``txt``, as open_clip).
-        progress: Show a tqdm bar over the shards.
-        workers: Processes reading whole shards in parallel (None or 1: this one);
-            worth it for hundreds of shards (the calling script needs the
-            ``if __name__ == "__main__":`` guard).
-
-    Returns:
-        Records in shard order, then member order.
+    ``urls`` as ``open_clip_train --train-data`` takes them; ``caption_key`` the
+    caption member's extension; ``workers`` processes read whole shards in parallel
+    (for hundreds of shards; the calling script needs the ``__main__`` guard).
+    Records come in shard order, then member order.
 
     Raises:
         ValueError: For an unreadable shard, a duplicate key (naming both shards), an

@@ -26,29 +26,35 @@ from xclr_plugin.captions import (
     detect_format,
     read_captions,
 )
-from xclr_plugin.errors import ArgumentParser, UsageError, exit_status, print_error
+from xclr_plugin.errors import ArgumentParser, UsageError, print_error
 
 __all__ = ["EmbedOptions", "main", "parse_args"]
 
 PROG = "xclr-embed-captions"
-
-# The reader flags each format takes (and their reader keyword).
+# Reader flag -> (its reader keyword, the formats that take it).
 _READER_FLAGS = {
-    "captions_file": ("--captions-file", "captions_file", ("folder",)),
-    "csv_separator": ("--csv-separator", "sep", ("csv", "folder")),
-    "csv_img_key": ("--csv-img-key", "img_key", ("csv", "folder", "jsonl")),
-    "csv_caption_key": (
-        "--csv-caption-key",
-        "caption_key",
-        ("csv", "folder", "jsonl", "webdataset"),
-    ),
-    "template": ("--template", "template", ("classes",)),
+    "--captions-file": ("captions_file", ("folder",)),
+    "--csv-separator": ("sep", ("csv", "folder")),
+    "--csv-img-key": ("img_key", ("csv", "folder", "jsonl")),
+    "--csv-caption-key": ("caption_key", ("csv", "folder", "jsonl", "webdataset")),
+    "--template": ("template", ("classes",)),
+}
+_HELP = {
+    "--captions-file": "sidecar filename,caption CSV for --format folder",
+    "--csv-separator": "CSV separator as open_clip passes it to pandas.read_csv "
+    "(default: tab; ',' for a sidecar); longer than one character it is a regular "
+    "expression, so a literal '\\t' is a tab and ';;' two semicolons",
+    "--csv-img-key": "image column (default: filepath; filename for JSONL/sidecar)",
+    "--csv-caption-key": "caption column (default: title; caption for JSONL/sidecar; "
+    "the caption member's extension for webdataset, default txt)",
+    "--template": "caption template with one {} for --format classes (default: "
+    "'a photo of a {}')",
 }
 
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """The command line, checked: what to read, with which encoder, into where."""
+    """The checked command line: what to read, with which encoder, into where."""
 
     source: str
     output: Path
@@ -87,17 +93,15 @@ def _seconds(text: str) -> float:
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
-        description=(
-            "Embed a dataset's captions once with a frozen sentence encoder and store "
-            "them as a memory-mapped X-CLR caption cache (resumes if interrupted; a "
-            "second build of the same folder waits for the first)."
-        ),
+        description="Embed a dataset's captions once with a frozen sentence encoder "
+        "and store them as a memory-mapped X-CLR caption cache (resumes if "
+        "interrupted; a second build of the same folder waits for the first).",
     )
     add = parser.add_argument
     add(
         "source",
-        help="captions source: open_clip CSV/TSV, JSONL, an image folder with a "
-        "captions.csv sidecar, a labelled folder (one subfolder per class), or "
+        help="captions source: open_clip CSV/TSV, JSONL, an image folder "
+        "with a captions.csv sidecar, a labelled folder (one subfolder per class), or "
         "webdataset shards ('shards/{00000..00009}.tar', '::'-joined lists)",
     )
     add("-o", "--output", required=True, help="cache folder to write")
@@ -105,32 +109,15 @@ def _parser() -> ArgumentParser:
         "--format",
         default="auto",
         choices=("auto", *FORMATS),
-        help="how to read SOURCE (default: from the path; '.tar' shards are webdataset)",
+        help="how to read "
+        "SOURCE (default: from the path; '.tar' shards are webdataset)",
     )
-    add("--captions-file", help="sidecar filename,caption CSV for --format folder")
-    add(
-        "--csv-separator",
-        help="CSV separator as open_clip passes it to pandas.read_csv (default: tab; "
-        "',' for a sidecar); longer than one character it is a regular expression, "
-        "so a literal '\\t' is a tab and ';;' two semicolons",
-    )
-    add(
-        "--csv-img-key",
-        help="image column (default: filepath; filename for JSONL/sidecar)",
-    )
-    add(
-        "--csv-caption-key",
-        help="caption column (default: title; caption for JSONL/sidecar; the "
-        "caption member's extension for webdataset, default txt)",
-    )
-    add(
-        "--template",
-        help="caption template with one {} for --format classes (default: "
-        "'a photo of a {}')",
-    )
+    for flag, text in _HELP.items():
+        add(flag, help=text)
     add(
         "--encoder",
-        help="sentence-transformers name or local folder (default: packaged all-MiniLM-L6-v2)",
+        help="sentence-transformers name or local folder (default: "
+        "packaged all-MiniLM-L6-v2)",
     )
     add("--device", default="cpu", help="encoder device (default: cpu)")
     add("--batch-size", type=_positive_int, default=256, help="encoder batch size")
@@ -144,29 +131,27 @@ def _parser() -> ArgumentParser:
     add("--overwrite", action="store_true", help="replace a different cache in OUTPUT")
     add(
         "--lock-timeout",
+        help="seconds to wait for another build of OUTPUT before "
+        "giving up (default: wait until it finishes)",
         type=_seconds,
-        help="seconds to wait for another build of OUTPUT before giving up "
-        "(default: wait until it finishes)",
     )
     add(
         "--allow-multiline-captions",
         action="store_true",
-        help="accept CSV captions that span lines containing the separator (refused "
-        "by default: the sign of an unbalanced quote)",
+        help="accept CSV captions "
+        "that span lines containing the separator (refused by default: the sign of "
+        "an unbalanced quote)",
     )
     add("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
+    return parser  # fmt: skip
 
 
 def _reader_kwargs(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
     """The reader's keyword arguments; a flag ``fmt`` does not take is an error."""
-    wrong = [
-        flag
-        for attr, (flag, _, formats) in _READER_FLAGS.items()
-        if getattr(args, attr) is not None and fmt not in formats
-    ]
-    if wrong:
-        takes = sorted(f for f, _, formats in _READER_FLAGS.values() if fmt in formats)
+    given = {f: getattr(args, f[2:].replace("-", "_")) for f in _READER_FLAGS}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if wrong := [f for f in given if fmt not in _READER_FLAGS[f][1]]:
+        takes = sorted(f for f, (_, formats) in _READER_FLAGS.items() if fmt in formats)
         raise UsageError(
             f"{', '.join(wrong)} does not apply to --format {fmt} (it takes "
             f"{', '.join(takes) or 'none of the reader options'})."
@@ -175,13 +160,9 @@ def _reader_kwargs(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
         raise UsageError(
             f"--allow-multiline-captions does not apply to --format {fmt}."
         )
-    if args.csv_separator == "":
+    if given.get("--csv-separator") == "":
         raise UsageError("--csv-separator must not be empty.")
-    kwargs = {
-        keyword: getattr(args, attr)
-        for attr, (_, keyword, _) in _READER_FLAGS.items()
-        if getattr(args, attr) is not None
-    }
+    kwargs = {_READER_FLAGS[flag][0]: value for flag, value in given.items()}
     if fmt == "classes":
         kwargs["template"] = check_template(args.template or DEFAULT_TEMPLATE)
     if args.allow_multiline_captions:
@@ -190,13 +171,12 @@ def _reader_kwargs(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
 
 
 def _check_output(output: str) -> Path:
-    """The output folder, if it can become a cache folder (before any long work)."""
-    path = Path(output)
+    """The output folder, if it can become a cache folder."""
+    path = existing = Path(output)
     if path.exists() and not path.is_dir():
         raise UsageError(
             f"-o/--output {output} is a file; give a folder for the cache."
         )
-    existing = path
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
@@ -221,70 +201,53 @@ def parse_args(argv: Sequence[str] | None = None) -> EmbedOptions:
         fmt = detect_format(args.source, captions_file=args.captions_file)
     reader = _reader_kwargs(args, fmt)
     return EmbedOptions(
-        source=args.source,
-        output=_check_output(args.output),
-        fmt=fmt,
-        reader=reader,
-        encoder=args.encoder,
-        device=args.device,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        lock_timeout=args.lock_timeout,
-        progress=not args.no_progress,
+        args.source, _check_output(args.output), fmt, reader, args.encoder,
+        args.device, args.batch_size, args.chunk_size, args.dtype, args.overwrite,
+        args.lock_timeout, not args.no_progress,
+    )  # fmt: skip
+
+
+def _build(options: EmbedOptions) -> int:
+    records = read_captions(options.source, options.fmt, **options.reader)
+    from xclr_plugin import text  # looked up now, so tests can stand in for it
+
+    encoder = text.TextEncoder(
+        options.encoder, device=options.device, batch_size=options.batch_size
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 when the cache is ready, 2 after a one-line error on stderr."""
-    try:
-        options = parse_args(argv)
-    except (ValueError, OSError) as err:
-        print_error(PROG, err)
-        return exit_status(err)
-    # The build's notes (waiting for another builder, resuming, repairing) reach the
-    # user as "xclr-embed-captions: ..." lines on stderr.
-    logger = logging.getLogger("xclr_plugin.cache")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        records = read_captions(options.source, options.fmt, **options.reader)
-        from xclr_plugin import text  # looked up now, so tests can stand in for it
-
-        encoder = text.TextEncoder(
-            options.encoder, device=options.device, batch_size=options.batch_size
-        )
-        start = time.perf_counter()
-        cache = build_caption_cache(
-            records,
-            options.output,
-            encoder,
-            dtype=options.dtype,
-            chunk_size=options.chunk_size,
-            overwrite=options.overwrite,
-            progress=options.progress,
-            verify=True,
-            lock_timeout=options.lock_timeout,
-        )
-    except (ValueError, TypeError, OSError, ImportError) as err:
-        # OSError covers FileNotFoundError, TimeoutError and a full or read-only disk.
-        print_error(PROG, err)
-        return exit_status(err)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+    start = time.perf_counter()
+    cache = build_caption_cache(
+        records, options.output, encoder, dtype=options.dtype,
+        chunk_size=options.chunk_size, overwrite=options.overwrite,
+        progress=options.progress, verify=True, lock_timeout=options.lock_timeout,
+    )  # fmt: skip
     print(
         f"Caption cache ready: {cache.count} embeddings ({cache.dim}-d {cache.dtype}, "
         f"encoder {cache.encoder}) in {cache.path} after "
         f"{time.perf_counter() - start:.1f} s."
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 when the cache is ready, 2 after a one-line error on stderr."""
+    # The build's notes (waiting for another builder, resuming, repairing) reach the
+    # user as "xclr-embed-captions: ..." lines on stderr.
+    logger, handler = logging.getLogger("xclr_plugin.cache"), logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        return _build(parse_args(argv))
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        # OSError covers FileNotFoundError, TimeoutError and a full or read-only disk.
+        print_error(PROG, err)
+        return 2
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ from lightly.data import LightlyDataset, MultiViewCollate
 from omegaconf import DictConfig
 
 from xclr_plugin import text
-from xclr_plugin.cache import caption_lookup
+from xclr_plugin.cache import CaptionLookup, caption_lookup
 from xclr_plugin.captions import (
     DEFAULT_SIDECAR,
     CaptionRecord,
@@ -92,11 +92,7 @@ def _read_records(captions: CaptionsConfig, input_dir: str) -> list[CaptionRecor
                 f"captions.source must be empty or input_dir, got {source!r}."
             )
         return read_captions(input_dir, "classes", template=captions.template)
-    keys = (
-        ("sep", "img_key", "caption_key")
-        if fmt != "jsonl"
-        else ("img_key", "caption_key")
-    )
+    keys = ["img_key", "caption_key", *(["sep"] if fmt != "jsonl" else [])]
     kwargs = {k: getattr(captions, k) for k in keys if getattr(captions, k) is not None}
     if fmt == "folder":
         if source is not None and os.path.isdir(source):
@@ -146,7 +142,9 @@ def _align(
     return aligned
 
 
-def _embeddings(records: list[CaptionRecord], captions: CaptionsConfig) -> Any:
+def _embeddings(
+    records: list[CaptionRecord], captions: CaptionsConfig
+) -> CaptionLookup:
     """A finished cache of the records, opened without the encoder, else embedded."""
     name, cache_dir = captions.encoder, captions.cache_dir
     expected = os.path.abspath(name) if name and os.path.isdir(name) else name

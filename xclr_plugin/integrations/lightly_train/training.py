@@ -32,6 +32,7 @@ from lightly.embedding import SelfSupervisedEmbedding, callbacks
 from lightly.transforms import SimCLRTransform
 from omegaconf import DictConfig
 from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from xclr_plugin.integrations.lightly_train import config as conf
 from xclr_plugin.integrations.lightly_train.images import list_images, verify_images
@@ -63,7 +64,7 @@ class Plan:
     config: conf.TrainConfig
     module: SelfSupervisedEmbedding
     trainer: Trainer
-    checkpoint_callback: Any
+    checkpoint_callback: ModelCheckpoint
 
 
 @contextmanager
@@ -74,7 +75,8 @@ def _section(
     try:
         yield
     except errors as err:
-        raise ValueError(f"{name}: {type(err).__name__}: {err}{hint}") from None
+        kind = "" if isinstance(err, (TypeError, ValueError)) else type(err).__name__
+        raise ValueError(f"{name}: {kind + ': ' if kind else ''}{err}{hint}") from None
 
 
 def check_batches(
@@ -83,12 +85,8 @@ def check_batches(
     count: int,
     world_size: int | None,
 ) -> None:
-    """Refuses batches that cannot be contrasted or never fill (ValueError).
-
-    With one image per batch an image's only candidate is its own other view: the loss
-    is 0 and nothing is learned. A memory bank, or gathering over several processes,
-    supplies negatives. ``world_size=None``: not known yet (checked again later).
-    """
+    """Refuses batches that cannot be contrasted or never fill (``world_size=None``:
+    not known yet, checked again once the trainer is built)."""
     gather = bool(criterion.gather_distributed)
     if world_size is None and gather:
         return
@@ -184,7 +182,7 @@ def _trial_step(
         ) from None
 
 
-def _world_size(config: conf.TrainConfig) -> int | None:
+def _settle_gather(config: conf.TrainConfig) -> int | None:
     """The process count asked for; drops ``criterion.gather_distributed`` (with a
     warning) where it cannot gather, warns where it is missing."""
     criterion, world_size = config.criterion, config.trainer.world_size()
@@ -208,14 +206,11 @@ def _world_size(config: conf.TrainConfig) -> int | None:
 def prepare(
     cfg: conf.TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
 ) -> Plan:
-    """Checks everything that can be checked before training and builds the run.
-
-    Raises:
-        ValueError, TypeError: For config errors (see :func:`train`).
-    """
+    """Checks all that can be checked before training, and builds the run (see
+    :func:`train` for the arguments and errors)."""
     config = conf.parse_config(cfg, is_cli_call=is_cli_call)
     spec = check_loss(config.criterion)
-    world_size = _world_size(config)
+    world_size = _settle_gather(config)
     dataset = list_images(config.input_dir)
     # Lightning re-runs this script for the other DDP processes: one check suffices.
     if config.check_images and int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -307,15 +302,12 @@ def train(
 ) -> TrainResult:
     """Trains like ``lightly-ssl-train``, with the loss named by ``criterion.name``.
 
-    Args:
-        cfg: The config (see :func:`load_config`; a plain nested mapping is merged
-            onto the defaults).
-        is_cli_call: Resolve relative paths against hydra's original working folder.
+    ``cfg`` is a config of :func:`load_config` (a plain nested mapping is merged onto
+    the defaults); ``is_cli_call`` resolves relative paths as the command does.
 
     Raises:
-        ValueError: For config errors, before training: bad keys, loss, images,
-            captions, batches, trainer, optimizer, collate or model settings.
-        TypeError: For a ``criterion.*`` key the loss does not take.
+        ValueError: For config errors, before training (TypeError for a
+            ``criterion.*`` key the loss does not take).
         xclr_plugin.errors.NonFiniteLossError: If the loss becomes NaN or infinite.
     """
     return fit(prepare(cfg, is_cli_call=is_cli_call))
