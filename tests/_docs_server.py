@@ -1,6 +1,6 @@
 """A fork server for tests/test_docs.py: the docs' commands without their import cost.
 
-Usage: ``python -P tests/_docs_server.py SOCKET PRELUDE``. The server runs ``PRELUDE``
+Usage: ``python tests/_docs_server.py SOCKET PRELUDE``. The server runs ``PRELUDE``
 (Python code: the imports every docs command pays for, torch, lightly, open_clip,
 sentence-transformers, Lightning, ...) once, then serves requests on the Unix socket
 ``SOCKET``, each answered by a child forked from that warm process:
@@ -17,7 +17,10 @@ sentence-transformers, Lightning, ...) once, then serves requests on the Unix so
   the stdout and stderr sent along with it, and replies ``{"error": TRACEBACK}`` or
   ``{"error": null}``.
 
-The server itself starts no thread and runs no torch op, so forking it is safe.
+The server itself starts no thread and runs no torch op, so forking it is safe. The
+client side is here too: :func:`write_shims` writes the commands the docs run (and
+``python``) as tiny scripts that send their request and exit with its status;
+:func:`prelude` is what the server imports.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 MAX_MESSAGE = 1 << 20
@@ -214,11 +218,105 @@ def serve(path: str) -> None:
 
 
 def main() -> None:
+    # Not this file's folder: each request puts its own first on the path.
+    here = os.path.dirname(os.path.realpath(__file__))
+    if sys.path and os.path.realpath(sys.path[0]) == here:
+        del sys.path[0]
     path, prelude = sys.argv[1:]
     exec(compile(prelude, "<prelude>", "exec"), {"__name__": "__prelude__"})
     if threading.active_count() > 1:
         print(f"warning: {threading.active_count()} threads before fork", flush=True)
     serve(path)
+
+
+# -- the client side: shims on the PATH, the server's prelude ------------------------
+
+# Imported once by the fork server: what the docs' commands would each import.
+PRELOAD = [
+    "torch", "torchvision", "numpy", "pandas", "PIL.Image", "lightly.loss",
+    "lightly.data", "lightly.transforms", "lightly.models", "hydra", "omegaconf",
+    "pytorch_lightning", "open_clip", "open_clip_train.main", "open_clip_train.data",
+    "webdataset", "sentence_transformers", "sklearn.linear_model", "matplotlib.pyplot",
+    "scipy.stats", "torch.distributed.run", "xclr_plugin", "xclr_plugin.text",
+    "xclr_plugin.captions", "xclr_plugin.cache", "xclr_plugin.data",
+    "xclr_plugin.clip_loss", "xclr_plugin.demo",
+]  # fmt: skip
+
+
+def prelude(configs: Path) -> str:
+    """The code the server runs first: imports, and the tiny open_clip model."""
+    return (
+        "import importlib, sys, importlib.metadata as md\n"
+        f"names = {PRELOAD!r}\n"
+        "names += [ep.module for ep in md.entry_points(group='console_scripts')\n"
+        "          if ep.dist is not None and ep.dist.name == 'xclr-plugin']\n"
+        "for name in names:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as err:\n"
+        "        print(f'preload {name}: {err!r}', file=sys.stderr)\n"
+        "import open_clip\n"
+        f"open_clip.add_model_config({str(configs)!r})\n"
+    )
+
+
+SHIM = '''#!{python} -S
+"""Docs tests: runs `{name}` in the warm fork server (tests/_docs_server.py)."""
+import json, os, socket, sys
+
+REAL_PYTHON = {python!r}
+TARGET = {target!r}  # a console script; None: this is `python`
+SELF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python")
+BARE = {{"-u", "-B", "-s", "-S", "-E", "-O", "-OO", "-q", "-I", "-P"}}
+
+
+def python_argv(args):
+    """`python ARGS` as SCRIPT/-m/-c ARGS, or None for what the server does not do."""
+    i = 0
+    while i < len(args):
+        if args[i] in BARE:
+            i += 1
+        elif args[i] in ("-W", "-X"):
+            i += 2
+        elif args[i] in ("-m", "-c"):
+            return args[i:] if i + 1 < len(args) else None
+        elif args[i] == "-":
+            return ["-c", sys.stdin.read(), *args[i + 1:]]
+        elif args[i].startswith("-"):
+            return None
+        else:
+            return args[i:]
+    return None
+
+
+server = os.environ.get("XCLR_DOCS_SERVER")
+# The server's modules are imported already: another import path needs a fresh python.
+fresh = not server or os.environ.get("PYTHONPATH")
+argv = None if fresh else [TARGET, *sys.argv[1:]] if TARGET else python_argv(sys.argv[1:])
+if argv is None:
+    os.execv(REAL_PYTHON, [REAL_PYTHON, *([TARGET] if TARGET else []), *sys.argv[1:]])
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.connect(server)
+message = {{"kind": "run", "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+           "executable": SELF}}
+socket.send_fds(conn, [json.dumps(message).encode()], [0, 1, 2])
+reply = conn.recv(1 << 16)
+sys.exit(json.loads(reply)["status"] if reply else 1)
+'''
+
+# Console commands the docs run (looked up in the venv's bin/), and python itself.
+COMMANDS = ["xclr-demo", "xclr-train", "xclr-openclip-train", "xclr-embed-captions",
+            "torchrun"]  # fmt: skip
+
+
+def write_shims(bin_dir: Path) -> None:
+    bin_dir.mkdir()
+    venv_bin = Path(sys.executable).parent
+    for name in [*COMMANDS, "python", "python3"]:
+        target = None if name.startswith("python") else str(venv_bin / name)
+        path = bin_dir / name
+        path.write_text(SHIM.format(python=sys.executable, name=name, target=target))
+        path.chmod(0o755)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Every ```python and ```bash block of README.md and docs/*.md runs, on tiny data.
 
 One test per block (id ``FILE:LINE``). The blocks of a page run in order in one
-folder, a copy of the tiny data set below, as a reader would type them: shell blocks
+folder, a copy of the tiny data of tests/_docs_data.py, as a reader would type them: shell blocks
 with ``bash -euo pipefail``, Python blocks in one namespace per page. A test runs the
 earlier blocks of its page first if they have not run yet. The only blocks not run are
 the README's two set-up commands, which CI itself runs (``.ci/run``); each is marked
@@ -16,8 +16,6 @@ arguments, folder, environment and streams, but without paying ~15 s of imports;
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -27,16 +25,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from _docs_server import receive, send
-from PIL import Image, ImageDraw
+from _docs_data import CHECKPOINT, TINY_CONFIG, TINY_MODEL, write_tiny_data
+from _docs_server import prelude, receive, send, write_shims
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -47,39 +43,6 @@ FORBIDDEN_LANGUAGES = {"py", "python3", "pycon", "sh", "shell", "console", "zsh"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
 TIMEOUT = 300.0
 BASH_STATE = '"$DOCS_ROOT/bash_state.sh"'
-
-# The open_clip model of the docs' commands (`--model "$MODEL"`): a 32-pixel ViT.
-TINY_MODEL = "xclr-docs-tiny"
-TINY_CONFIG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 32,
-        "layers": 2,
-        "width": 64,
-        "head_width": 32,
-        "patch_size": 8,
-    },
-    "text_cfg": {
-        "context_length": 32,
-        "vocab_size": 49408,
-        "width": 64,
-        "heads": 2,
-        "layers": 2,
-    },
-}
-COLORS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square", "triangle", "cross"]
-# Imported once by the fork server: what the docs' commands would each import.
-PRELOAD = [
-    "torch", "torchvision", "numpy", "pandas", "PIL.Image", "lightly.loss",
-    "lightly.data", "lightly.transforms", "lightly.models", "hydra", "omegaconf",
-    "pytorch_lightning", "open_clip", "open_clip_train.main", "open_clip_train.data",
-    "webdataset", "sentence_transformers", "sklearn.linear_model", "matplotlib.pyplot",
-    "scipy.stats", "torch.distributed.run", "xclr_plugin", "xclr_plugin.text",
-    "xclr_plugin.captions", "xclr_plugin.cache", "xclr_plugin.data",
-    "xclr_plugin.clip_loss", "xclr_plugin.demo",
-]  # fmt: skip
-
 
 # -- the blocks ---------------------------------------------------------------------
 
@@ -152,142 +115,42 @@ def test_every_example_is_python_or_bash() -> None:
     assert not hidden, f"tag these blocks python or bash: {hidden}"
 
 
-# -- tiny data ----------------------------------------------------------------------
+LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
 
-def _draw(shape: str, color: str, size: int = 32) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    pen = ImageDraw.Draw(image)
-    box = (5, 5, size - 5, size - 5)
-    if shape == "circle":
-        pen.ellipse(box, fill=color)
-    elif shape == "square":
-        pen.rectangle(box, fill=color)
-    elif shape == "triangle":
-        pen.polygon([(size // 2, 4), (size - 4, size - 4), (4, size - 4)], fill=color)
-    else:
-        pen.rectangle((size // 2 - 4, 4, size // 2 + 4, size - 4), fill=color)
-        pen.rectangle((4, size // 2 - 4, size - 4, size // 2 + 4), fill=color)
-    return image
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of the headings of ``page``."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
-def _samples() -> list[tuple[Image.Image, str, int]]:
-    """16 drawn images with distinct captions and their shape as label."""
-    return [
-        (_draw(shape, color), f"a {color} {shape} on white", k)
-        for k, shape in enumerate(SHAPES)
-        for color in COLORS
-    ]
+def test_links_resolve() -> None:
+    """Every relative link of README.md, CONTRIBUTING.md and docs/ names a file (and
+    heading) that exists."""
+    broken = []
+    for page in [*PAGES, ROOT / "CONTRIBUTING.md"]:
+        for match in LINK.finditer(page.read_text(encoding="utf-8")):
+            target = match["target"]
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists() or (anchor and anchor not in _anchors(file)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
 
 
-def _write_shard(path: Path, rows: list[tuple[str, Image.Image, str]]) -> None:
-    """An img2dataset-style shard: KEY.jpg, KEY.txt, KEY.json per sample."""
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption in rows:
-            jpg = io.BytesIO()
-            image.save(jpg, format="JPEG", quality=95)
-            meta = json.dumps({"key": key, "caption": caption, "status": "success"})
-            for ext, data in (("jpg", jpg.getvalue()), ("txt", caption.encode()),
-                              ("json", meta.encode())):  # fmt: skip
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
+def test_readme_demo_table_is_the_measured_one() -> None:
+    """The README's demo table is the committed result file, figure for figure."""
+    table = re.compile(r"^X-CLR demo: .*?^SupCon trains.*?$", re.M | re.S)
+    readme = table.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    results = ROOT / "benchmarks/results/reproduce_runs/seed0/results.txt"
+    measured = table.search(results.read_text(encoding="utf-8"))
+    assert readme is not None and measured is not None
+    assert readme.group() == measured.group()
 
 
-def write_tiny_data(folder: Path) -> None:
-    """The files the docs' examples name, in ``folder``:
-
-    - ``images/``: 16 PNGs (32 px drawn shapes) and a ``captions.csv`` sidecar
-      (``filename,caption``);
-    - ``train.tsv``: the same images as open_clip reads them (``filepath``, ``title``,
-      and an integer ``label``: the shape); ``captions.jsonl`` (``filename``,
-      ``caption``);
-    - ``classes/<shape>/``: the images in one folder per class;
-    - ``shards/00000.tar``, ``shards/00001.tar``: webdataset shards of 8 samples.
-    """
-    samples = _samples()
-    (folder / "images").mkdir(parents=True)
-    names = []
-    for i, (image, _, label) in enumerate(samples):
-        name = f"img{i:02d}.png"
-        image.save(folder / "images" / name)
-        (folder / "classes" / SHAPES[label]).mkdir(parents=True, exist_ok=True)
-        image.save(folder / "classes" / SHAPES[label] / name)
-        names.append(name)
-    with open(folder / "images" / "captions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filename", "caption"])
-        writer.writerows((n, c) for n, (_, c, _) in zip(names, samples, strict=True))
-    rows = ["filepath\ttitle\tlabel"] + [
-        f"images/{n}\t{c}\t{k}" for n, (_, c, k) in zip(names, samples, strict=True)
-    ]
-    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
-    (folder / "captions.jsonl").write_text(
-        "".join(
-            json.dumps({"filename": f"images/{n}", "caption": c}) + "\n"
-            for n, (_, c, _) in zip(names, samples, strict=True)
-        )
-    )
-    (folder / "shards").mkdir()
-    for s in range(2):
-        part = samples[8 * s : 8 * s + 8]
-        _write_shard(
-            folder / "shards" / f"{s:05d}.tar",
-            [(f"{s:05d}{i:04d}", image, c) for i, (image, c, _) in enumerate(part)],
-        )
-
-
-# -- the fork server and the shims on the PATH --------------------------------------
-
-SHIM = '''#!{python} -S
-"""Docs tests: runs `{name}` in the warm fork server (tests/_docs_server.py)."""
-import json, os, socket, sys
-
-REAL_PYTHON = {python!r}
-TARGET = {target!r}  # a console script; None: this is `python`
-SELF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python")
-BARE = {{"-u", "-B", "-s", "-S", "-E", "-O", "-OO", "-q", "-I", "-P"}}
-
-
-def python_argv(args):
-    """`python ARGS` as SCRIPT/-m/-c ARGS, or None for what the server does not do."""
-    i = 0
-    while i < len(args):
-        if args[i] in BARE:
-            i += 1
-        elif args[i] in ("-W", "-X"):
-            i += 2
-        elif args[i] in ("-m", "-c"):
-            return args[i:] if i + 1 < len(args) else None
-        elif args[i] == "-":
-            return ["-c", sys.stdin.read(), *args[i + 1:]]
-        elif args[i].startswith("-"):
-            return None
-        else:
-            return args[i:]
-    return None
-
-
-argv = [TARGET, *sys.argv[1:]] if TARGET else python_argv(sys.argv[1:])
-server = os.environ.get("XCLR_DOCS_SERVER")
-# The server's modules are imported already: another import path needs a fresh python.
-if argv is None or not server or os.environ.get("PYTHONPATH"):
-    os.execv(REAL_PYTHON, [REAL_PYTHON, *(argv if TARGET else sys.argv[1:])])
-conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-conn.connect(server)
-message = {{"kind": "run", "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-           "executable": SELF}}
-socket.send_fds(conn, [json.dumps(message).encode()], [0, 1, 2])
-reply = conn.recv(1 << 16)
-sys.exit(json.loads(reply)["status"] if reply else 1)
-'''
-
-CHECKPOINT = """
-import os, open_clip, torch
-os.makedirs("checkpoints")
-model = open_clip.create_model(os.environ["MODEL"])
-torch.save({"epoch": 32, "state_dict": model.state_dict()}, "checkpoints/epoch_32.pt")
-"""
+# -- the workspace: tiny data, the fork server, the shims --------------------------
 
 # Sourced before each shell block: the variables the page's earlier blocks set (as in
 # one terminal), and saved again when the block exits.
@@ -306,20 +169,6 @@ __docs_save() {
 trap __docs_save EXIT
 """
 
-# Console commands the docs run (looked up in the venv's bin/), and python itself.
-COMMANDS = ["xclr-demo", "xclr-train", "xclr-openclip-train", "xclr-embed-captions",
-            "torchrun"]  # fmt: skip
-
-
-def _write_shims(bin_dir: Path) -> None:
-    bin_dir.mkdir()
-    venv_bin = Path(sys.executable).parent
-    for name in [*COMMANDS, "python", "python3"]:
-        target = None if name.startswith("python") else str(venv_bin / name)
-        path = bin_dir / name
-        path.write_text(SHIM.format(python=sys.executable, name=name, target=target))
-        path.chmod(0o755)
-
 
 @dataclass
 class Workspace:
@@ -337,29 +186,13 @@ class Workspace:
         return self.pages[page]
 
 
-def _prelude(configs: Path) -> str:
-    return (
-        "import importlib, sys, importlib.metadata as md\n"
-        f"names = {PRELOAD!r}\n"
-        "names += [ep.module for ep in md.entry_points(group='console_scripts')\n"
-        "          if ep.dist is not None and ep.dist.name == 'xclr-plugin']\n"
-        "for name in names:\n"
-        "    try:\n"
-        "        importlib.import_module(name)\n"
-        "    except Exception as err:\n"
-        "        print(f'preload {name}: {err!r}', file=sys.stderr)\n"
-        "import open_clip\n"
-        f"open_clip.add_model_config({str(configs)!r})\n"
-    )
-
-
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("docs")
     configs = root / "open_clip_configs"
     configs.mkdir()
     (configs / f"{TINY_MODEL}.json").write_text(json.dumps(TINY_CONFIG))
-    _write_shims(root / "bin")
+    write_shims(root / "bin")
     (root / "bash_state.sh").write_text(BASH_STATE_SCRIPT)
     path = str(root / "server.sock")
     env = {
@@ -374,15 +207,18 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
         "DOCS_ROOT": str(root),
         "MODEL": TINY_MODEL,
         "GPUS": "1",
-        # The repository, for the pages that show its own files (upstream, benchmarks).
-        "XCLR": str(ROOT),
+        # One thread: tiny data gains nothing from more, and on a busy machine the
+        # threads' spin-waits cost several times the work (measured: 3-4x CPU time).
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
     env.pop("PYTHONPATH", None)
     log = open(root / "server.log", "w+")  # noqa: SIM115 - closed at teardown
     server = subprocess.Popen(
-        [sys.executable, "-P", str(Path(__file__).parent / "_docs_server.py"), path,
-         _prelude(configs)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, str(Path(__file__).parent / "_docs_server.py"), path,
+         prelude(configs)],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )  # fmt: skip
     data = root / "data"
     write_tiny_data(data)

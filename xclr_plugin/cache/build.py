@@ -1,13 +1,11 @@
 """Building a caption cache: embed once, resume after an interruption, one builder at a time.
 
 While a cache is built its folder holds ``embeddings.npy.partial`` (the full-size
-array, filled chunk by chunk) and ``progress.json`` (how many rows are final, and who
-builds). Each chunk is written and flushed before it is recorded as done (atomically),
-so an interrupted run resumes at the first unrecorded row: no row is duplicated or
-missing. Before publishing, every row is checked to have been written (finite,
-non-zero); ``manifest.json`` appears last, so a folder without it is not a cache. A
-build holds the folder's lock (:mod:`xclr_plugin.cache.lock`): a second builder waits
-for the first and then finds its cache; a build deletes what killed builders left.
+array, filled chunk by chunk) and ``progress.json`` (rows done, and who builds). Each
+chunk is flushed before it is recorded as done (atomically), so an interrupted run
+resumes at the first unrecorded row; every row is checked to have been written before
+``manifest.json`` appears, last. Builders hold the folder's lock (:mod:`filelock`):
+a second one waits for the first, then finds its cache.
 """
 
 from __future__ import annotations

@@ -64,12 +64,12 @@ def _caption_key(name: str, caption_key: str) -> str | None:
     """The sample key of a caption member's name, None for any other member."""
     from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
-    if (
-        "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)
-    ) or _SKIP_META.match(name):
+    if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
         return None
     key, ext = base_plus_ext(name)
-    return key if key is not None and ext.lower() == caption_key else None
+    if key is None or ext.lower() != caption_key or _SKIP_META.match(name):
+        return None
+    return str(key)
 
 
 def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
@@ -82,6 +82,7 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
         raise ValueError(f"Cannot read shard {url!r}: {err}") from None
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
+    suffix = "." + caption_key
     try:
         with (
             stream,
@@ -89,8 +90,10 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
         ):
             for info in tar:
                 tar.members = []  # type: ignore[attr-defined]  # one shard's headers need not stay in memory
-                key = _caption_key(info.name, caption_key) if info.isreg() else None
-                if key is None:
+                # (A cheap test first: most members are images.)
+                if not info.isreg() or not info.name.lower().endswith(suffix):
+                    continue
+                if (key := _caption_key(info.name, caption_key)) is None:
                     continue
                 if key in seen:
                     raise ValueError(
