@@ -23,7 +23,6 @@ from xclr_plugin.cache import (
     build_caption_cache,
 )
 from xclr_plugin.captions import CaptionRecord
-from xclr_plugin.cli.embed_captions import main
 from xclr_plugin.text import TextEncoder
 
 FP16_ATOL = 2e-3  # float16 keeps ~3 decimal digits of unit-norm vectors
@@ -435,35 +434,6 @@ def test_build_rejects_bad_encoder_output_and_arguments(
         build_caption_cache(RECORDS[:2], tmp_path / "c", encoder, dtype="int8")
     with pytest.raises(ValueError, match="duplicate file name"):
         build_caption_cache([RECORDS[0], RECORDS[0]], tmp_path / "d", encoder)
-
-
-# -- console command ----------------------------------------------------------------
-
-
-def test_cli_builds_cache_from_open_clip_tsv(
-    tmp_path: Path, reference: torch.Tensor, capsys: pytest.CaptureFixture[str]
-) -> None:
-    tsv = tmp_path / "train.tsv"
-    tsv.write_text(
-        "filepath\ttitle\n"
-        + "".join(f"{r.filename}\t{r.caption}\n" for r in RECORDS[:6])
-    )
-    out = tmp_path / "cache"
-    assert main([str(tsv), "-o", str(out), "--batch-size", "4", "--no-progress"]) == 0
-    assert "Caption cache ready: 6 embeddings" in capsys.readouterr().out
-    cache = CaptionCache.open(
-        out, records=[CaptionRecord(r.filename, r.caption) for r in RECORDS[:6]]
-    )
-    torch.testing.assert_close(cache[:], reference[:6], atol=FP16_ATOL, rtol=0)
-
-
-def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path / "missing.tsv"), "-o", str(tmp_path / "out")]) == 2
-    assert "Captions file not found" in capsys.readouterr().err
-    csv = tmp_path / "comma.csv"
-    csv.write_text("filepath,title\na.png,a cat\n")
-    assert main([str(csv), "-o", str(tmp_path / "out")]) == 2
-    assert "Is the separator right" in capsys.readouterr().err
 
 
 # -- non-finite rows (issue 12, wrong #1) ----------------------------------------------

@@ -140,6 +140,29 @@ def test_links_resolve() -> None:
     assert not broken, broken
 
 
+REPO_PATH = re.compile(
+    r"`((?:\.ci|benchmarks|docs|tests|upstream|xclr_plugin)/[\w./-]*)`"
+)
+
+
+# Paths in the host repositories: the patches' tests (kept in upstream/*/files/) and
+# lightly's own NTXentLoss test module (vendored in tests/vendored/).
+HOST_PATHS = {"tests/loss/test_ntx_ent_loss.py"}
+
+
+def test_repository_paths_exist() -> None:
+    """Every repository path the pages name in backticks (`tests/test_loss.py`) exists."""
+    missing = [
+        f"{page.relative_to(ROOT)}: {match[1]}"
+        for page in [*PAGES, ROOT / "CONTRIBUTING.md"]
+        for match in REPO_PATH.finditer(page.read_text(encoding="utf-8"))
+        if not (ROOT / match[1]).exists()
+        and not list(ROOT.glob(f"upstream/*/files/{match[1]}"))
+        and match[1] not in HOST_PATHS
+    ]
+    assert not missing, missing
+
+
 def test_readme_demo_table_is_the_measured_one() -> None:
     """The README's demo table is the committed result file, figure for figure."""
     table = re.compile(r"^X-CLR demo: .*?^SupCon trains.*?$", re.M | re.S)
