@@ -1,7 +1,5 @@
 """X-CLR (X-Sample Contrastive Loss) for lightly and open_clip."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Any
 
 from xclr_plugin.loss import XCLRLoss

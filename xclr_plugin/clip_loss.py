@@ -1,10 +1,4 @@
-"""Image-text X-CLR in open_clip's conventions: ``XCLRClipLoss`` (XCLR_SPEC.md section 2).
-
-A drop-in for :class:`open_clip.loss.ClipLoss`: same constructor options, forward
-signature and distributed layouts. Without descriptions (identity graph) it runs
-``ClipLoss``'s code path, so values and gradients are identical. The computation is
-split in small methods (gathering, logits, targets, loss), as in open_clip's ``loss.py``.
-"""
+"""``XCLRClipLoss``: image-text X-CLR as a drop-in for open_clip's ``ClipLoss``."""
 
 from __future__ import annotations
 
@@ -31,39 +25,28 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         'Install the openclip extra: pip install "xclr-plugin[openclip]"'
     ) from err
 
-#: Where the targets come from: ``captions``, the ``targets`` passed to forward (None:
-#: identity graph); ``clip-text``, the batch's own text features, detached.
-TARGET_MODES: tuple[str, ...] = ("captions", "clip-text")
-
 
 class XCLRClipLoss(ClipLoss):
     """X-Sample Contrastive Loss for image-text models, with ``ClipLoss``'s interface.
 
-    With normalised image and text features ``u_i``, ``v_i``, the exponentiated
-    ``logit_scale`` ``s`` and an optional ``logit_bias`` ``b``: logits
-    ``L = s * U V^T + b`` (``L^T`` for texts), targets
-    ``G = row-softmax(S / target_temperature)`` with ``S`` the cosine similarity of the
-    samples' descriptions (``targets`` passed to forward with
-    ``target_mode="captions"``, or the detached text features with ``"clip-text"``),
-    loss ``1/2 [CE_soft(L, G) + CE_soft(L^T, G)]``. With ``targets=None`` in captions
-    mode it is exactly :class:`open_clip.loss.ClipLoss`. Computed in float32 (float64
-    for float64 features), also under autocast; distributed, the descriptions are
-    gathered (without gradient) in ``gather_features``' layout.
-
-    - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
-    - [1] CLIP, 2021, https://arxiv.org/abs/2103.00020
+    Logits ``L = s * U V^T + b`` (``L^T`` for texts), targets ``G = row-softmax(S /
+    target_temperature)`` with ``S`` the cosine similarity of the samples' descriptions
+    (forward's ``targets`` in ``"captions"`` mode, the detached text features in
+    ``"clip-text"``), loss ``1/2 [CE_soft(L, G) + CE_soft(L^T, G)]``
+    (https://arxiv.org/abs/2407.18134). ``targets=None`` in captions mode runs
+    ``ClipLoss``'s code path: identical values and gradients. Computed in float32
+    (float64 for float64 features; products in the autocast dtype under autocast).
 
     Args:
         local_loss, gather_with_grad, cache_labels, rank, world_size: As ``ClipLoss``.
         target_temperature: ``tau_s``, finite and > 0.
-        target_mode: ``"captions"`` or ``"clip-text"`` (see :data:`TARGET_MODES`).
+        target_mode: ``"captions"`` (forward's ``targets``) or ``"clip-text"``.
         use_horovod: Must be False (accepted so that ``ClipLoss``'s arguments pass).
         chunk_size: If set, ``chunk_size`` rows at a time: memory linear in the batch,
             same values and gradients. None: dense, ``ClipLoss``'s path.
 
     Raises:
-        ValueError: For a bad ``target_temperature``, ``target_mode`` or
-            ``chunk_size``, or horovod.
+        ValueError: Bad ``target_temperature``, ``target_mode``, ``chunk_size``; horovod.
 
     Examples:
         >>> loss_fn = XCLRClipLoss(target_temperature=0.1)
@@ -89,9 +72,9 @@ class XCLRClipLoss(ClipLoss):
                 "XCLRClipLoss does not support horovod (use_horovod=True); use "
                 "torch.distributed (open_clip's default) instead."
             )
-        if target_mode not in TARGET_MODES:
+        if target_mode not in (modes := ("captions", "clip-text")):
             raise ValueError(
-                f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}."
+                f"target_mode must be one of {modes}, got {target_mode!r}."
             )
         super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size)
         self.target_temperature = validate_temperature(
@@ -100,8 +83,7 @@ class XCLRClipLoss(ClipLoss):
         self.target_mode = target_mode
         self.chunk_size = validate_chunk_size(chunk_size)
 
-    def extra_repr(self) -> str:
-        """The settings, shown in ``repr`` (and so in open_clip_train's log)."""
+    def extra_repr(self) -> str:  # shown in open_clip_train's log
         return (
             f"target_mode={self.target_mode!r}, "
             f"target_temperature={self.target_temperature}, "
@@ -122,16 +104,12 @@ class XCLRClipLoss(ClipLoss):
         """Computes the loss of a batch.
 
         Args:
-            image_features: ``(B, D)`` normalised image features of this process.
-            text_features: ``(B, D)`` normalised text features of this process.
+            image_features, text_features: ``(B, D)``, normalised, of this process.
             logit_scale: The exponentiated logit scale (a scalar tensor).
             logit_bias: Optional logit bias, added to all logits.
             output_dict: Return ``{"contrastive_loss": loss}``, as ``ClipLoss``.
             targets: Only with ``target_mode="captions"``: caption embeddings
                 ``(B, Dt)`` float, labels ``(B,)`` integer, or None (``ClipLoss``).
-
-        Returns:
-            The scalar loss, or ``{"contrastive_loss": loss}``.
         """
         self._validate(image_features, text_features, targets)
         device_type = image_features.device.type
@@ -148,14 +126,15 @@ class XCLRClipLoss(ClipLoss):
                 loss = self._chunked_loss(features, targets, mm_dtype)
             return {"contrastive_loss": loss} if output_dict else loss
         logits_per_image, logits_per_text = self.logits_from_features(*features)
-        with torch.no_grad():
-            descriptions = self.row_and_column_descriptions(
-                text_features, everyone[1], targets
-            )
-            # The similarity is a product too: it follows autocast.
-            similarity = (
-                None if descriptions is None else similarity_from_targets(*descriptions)
-            )
+        descriptions = self.row_and_column_descriptions(
+            text_features, everyone[1], targets
+        )
+        similarity = None
+        if descriptions is not None:
+            with (
+                torch.no_grad()
+            ):  # the similarity is a product too: it follows autocast
+                similarity = similarity_from_targets(*descriptions)
         with torch.autocast(device_type=device_type, enabled=False):
             if mm_dtype is not None:
                 logits_per_image = logits_per_image.float()
@@ -164,8 +143,9 @@ class XCLRClipLoss(ClipLoss):
             if similarity is not None:
                 # softmax(S / tau_s) in place: S is a fresh no-grad buffer.
                 scaled = similarity.to(logits_per_image.dtype)
-                scaled.mul_(1.0 / self.target_temperature)
-                target_probs = torch.softmax(scaled, dim=1)
+                target_probs = torch.softmax(
+                    scaled.mul_(1 / self.target_temperature), 1
+                )
             loss = self.loss_from_logits(
                 logits_per_image, logits_per_text, target_probs
             )
@@ -177,7 +157,7 @@ class XCLRClipLoss(ClipLoss):
         """All processes' features in ``ClipLoss``'s layout (the local ones if single)."""
         if self.world_size == 1:
             return image_features, text_features
-        all_image_features, all_text_features = gather_features(
+        everyone: tuple[Tensor, Tensor] = gather_features(
             image_features,
             text_features,
             local_loss=self.local_loss,
@@ -185,7 +165,7 @@ class XCLRClipLoss(ClipLoss):
             rank=self.rank,
             world_size=self.world_size,
         )
-        return all_image_features, all_text_features
+        return everyone
 
     def logits_from_features(
         self,
@@ -225,11 +205,7 @@ class XCLRClipLoss(ClipLoss):
     def _chunked_loss(
         self, features: tuple, targets: Tensor | None, mm_dtype: torch.dtype | None
     ) -> Tensor:
-        """The same loss as the dense path, ``chunk_size`` rows at a time.
-
-        ``features``: the local and gathered image and text features, the logit scale
-        and bias. With ``mm_dtype`` only the products run in it; sums stay float32.
-        """
+        """The dense path's loss, ``chunk_size`` rows at a time (products in ``mm_dtype``)."""
         *four, logit_scale, logit_bias = features
         image_features, text_features, all_image_features, all_text_features = (
             f if mm_dtype is None else f.float() for f in four
@@ -269,18 +245,14 @@ class XCLRClipLoss(ClipLoss):
     ) -> Tensor:
         """Mean of the image-to-text and text-to-image (soft-target) cross-entropies."""
         if target_probs is None:
-            labels = self.get_ground_truth(
-                logits_per_image.device, logits_per_image.shape[0]
-            )
-            return (
-                F.cross_entropy(logits_per_image, labels)
-                + F.cross_entropy(logits_per_text, labels)
-            ) / 2
-        # No -inf logits here (nothing is masked): the fused soft cross-entropy.
-        return (
-            soft_cross_entropy_dense(logits_per_image, target_probs)
-            + soft_cross_entropy_dense(logits_per_text, target_probs)
-        ) / 2
+            n = logits_per_image.shape[0]
+            labels = self.get_ground_truth(logits_per_image.device, n)
+            image_loss = F.cross_entropy(logits_per_image, labels)
+            text_loss = F.cross_entropy(logits_per_text, labels)
+        else:  # no -inf logits here (nothing is masked): the fused soft cross-entropy
+            image_loss = soft_cross_entropy_dense(logits_per_image, target_probs)
+            text_loss = soft_cross_entropy_dense(logits_per_text, target_probs)
+        return (image_loss + text_loss) / 2
 
     def _validate(
         self, image_features: Tensor, text_features: Tensor, targets: Tensor | None
@@ -308,7 +280,8 @@ class XCLRClipLoss(ClipLoss):
             )
         dtypes = {image_features.dtype, text_features.dtype}
         if len(dtypes) > 1 and (
-            torch.float64 in dtypes or not _autocast_enabled(image_features.device.type)
+            torch.float64 in dtypes
+            or _autocast_dtype(image_features.device.type) is None
         ):
             # ClipLoss fails inside matmul here; autocast casts float32 and half
             # precisions alike (not float64), so those mixes work as in ClipLoss.
@@ -329,19 +302,11 @@ class XCLRClipLoss(ClipLoss):
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype if autocast is enabled for ``device_type``, else None."""
-    if not _autocast_enabled(device_type):
-        return None
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type)
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
     if device_type == "cpu":  # pragma: no cover - older torch
-        return torch.get_autocast_cpu_dtype()
-    return torch.get_autocast_gpu_dtype()  # pragma: no cover - older torch
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    else:  # pragma: no cover - older torch
+        on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if on else None

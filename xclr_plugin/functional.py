@@ -1,12 +1,6 @@
-"""Image-text X-CLR math: soft-target cross-entropy and the chunked loss (torch only).
-
-The two-view core and the description helpers live in :mod:`xclr_plugin.loss`, which
-stays importable with torch and lightly alone (it is proposed upstream to lightly).
-"""
+"""Image-text X-CLR math: fused soft-target cross-entropy and the chunked loss."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -17,8 +11,8 @@ from xclr_plugin.loss import _softmax_, validate_chunk_size, validate_temperatur
 def soft_cross_entropy_dense(logits: Tensor, target_probs: Tensor) -> Tensor:
     """``-(1/n) sum_i sum_j G_ij log softmax_j(l_ij)`` for finite logits, fused.
 
-    Few passes over the ``n x m`` matrices: the backward forms ``softmax(l) - G`` in
-    place from the saved log-probabilities. A NaN target gives a NaN loss.
+    The backward forms ``softmax(l) - G`` in place from the saved log-probabilities.
+    A NaN target gives a NaN loss.
     """
     loss: Tensor = _SoftCrossEntropy.apply(logits, target_probs)
     return loss
@@ -62,16 +56,10 @@ def xclr_clip_loss_chunked(
 ) -> Tensor:
     """Image-text X-CLR (``XCLR_SPEC.md`` section 2), ``chunk_size`` rows at a time.
 
-    Rows (images, and texts for the other direction) are scored against all columns
-    with logits ``s * rows cols^T + b``; row ``i``'s target is one-hot on column
-    ``rank_offset + i`` without descriptions, else ``softmax_j(S_ij / tau_s)`` with
-    ``S`` the cosine similarity of the (normalised) caption embeddings, or label
-    equality. Returns ``1/2 [CE_soft(image rows) + CE_soft(text rows)]``, averaged over
-    the rows. Memory: one ``chunk_size x m`` block at a time.
-
-    ``mm_dtype`` (e.g. the autocast dtype): the matrix products run in it, as in
-    ``ClipLoss`` under autocast; softmax, logits and sums stay in the dtype of
-    ``image_rows``. None: every product in that dtype.
+    Logits ``s * rows cols^T + b``; row ``i``'s target is one-hot on column
+    ``rank_offset + i`` without descriptions, else ``softmax_j(S_ij / tau_s)``. Returns
+    ``1/2 [CE_soft(image rows) + CE_soft(text rows)]``, averaged over the rows. Matrix
+    products run in ``mm_dtype`` if given (autocast); the rest in ``image_rows``' dtype.
     """
     target_temperature = validate_temperature("target_temperature", target_temperature)
     chunk = validate_chunk_size(chunk_size)
@@ -101,11 +89,9 @@ def xclr_clip_loss_chunked(
 class _XCLRClipChunked(torch.autograd.Function):
     """Soft-target CLIP loss and its gradients, block by block.
 
-    Per row ``i``: ``CE_i = LSE_i - sum_j G_ij l_ij``. Its gradient is
-    ``s (P - G) cols`` for the row, ``s (P - G)^T rows`` for the columns,
-    ``sum_i <row_i, ((P - G) cols)_i>`` for the scale and exactly 0 for the bias (a
-    softmax does not see a constant shift). All are accumulated as the blocks are
-    visited, so the backward only multiplies them by the upstream gradient.
+    ``CE_i = LSE_i - sum_j G_ij l_ij``; gradients ``s (P - G) cols`` (rows), ``s (P -
+    G)^T rows`` (cols), ``sum_i <row_i, ((P - G) cols)_i>`` (scale), 0 (bias), summed in
+    the forward so that the backward only scales them by the upstream gradient.
     """
 
     @staticmethod
@@ -125,19 +111,13 @@ class _XCLRClipChunked(torch.autograd.Function):
         mm_dtype: torch.dtype | None,
     ) -> Tensor:
         n, m = image_rows.shape[0], image_cols.shape[0]
-        dtype = image_rows.dtype
-        low = mm_dtype if mm_dtype is not None and mm_dtype != dtype else None
+        # The products follow autocast (``low``); results land in full precision.
+        low = mm_dtype if mm_dtype not in (None, image_rows.dtype) else None
 
         def mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-            # The products follow autocast (``low``); the result lands in ``out``.
             if low is None:
                 return torch.mm(a, b, out=out)
             return out.copy_(torch.mm(a.to(low), b.to(low)))
-
-        def add_mm(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-            if low is None:
-                return acc.addmm_(a, b)
-            return acc.add_(torch.mm(a.to(low), b.to(low)))
 
         chunk = min(chunk, n)
         # A one-element scale of any shape (open_clip uses 0-d) acts as a scalar.
@@ -147,11 +127,11 @@ class _XCLRClipChunked(torch.autograd.Function):
         weights_buf = image_rows.new_empty(chunk, m) if row_desc is not None else None
         total = image_rows.new_zeros(())
         grad_scale = image_rows.new_zeros(())
-        grads = {}
+        grads: dict[int, Tensor] = {}  # by position: image/text rows, image/text cols
         # Image rows against text columns, then text rows against image columns.
-        for rows, cols, rows_key, cols_key in (
-            (image_rows, text_cols, "image_rows", "text_cols"),
-            (text_rows, image_cols, "text_rows", "image_cols"),
+        for rows, cols, i_rows, i_cols in (
+            (image_rows, text_cols, 0, 3),
+            (text_rows, image_cols, 1, 2),
         ):
             grad_rows = torch.empty_like(rows)
             grad_cols = torch.zeros_like(cols)
@@ -172,13 +152,13 @@ class _XCLRClipChunked(torch.autograd.Function):
                     target_logit = logits[local, own]
                 else:
                     assert col_desc is not None and weights_buf is not None
-                    weights = _chunk_target(
-                        row_desc[start:stop],
-                        col_desc,
-                        inv_tau_s,
-                        weights_buf[: stop - start],
-                        mm,
-                    )
+                    # G = softmax_j(S_ij / tau_s) for the block.
+                    block_desc, out = row_desc[start:stop], weights_buf[: stop - start]
+                    if block_desc.is_floating_point():
+                        sim = mm(block_desc, col_desc.T, out=out)
+                    else:
+                        sim = out.copy_(block_desc[:, None] == col_desc[None, :])
+                    weights = _softmax_(sim.mul_(inv_tau_s))
                     target_logit = (weights * logits).sum(dim=1)
                 probs = _softmax_(logits)
                 total += (row_max - torch.log(probs.amax(dim=1)) - target_logit).sum()
@@ -188,14 +168,16 @@ class _XCLRClipChunked(torch.autograd.Function):
                     probs[local, own] -= 1.0
                 else:
                     probs.sub_(weights)
-                # (P - G) cols, then the row, column and scale gradients from it.
                 residual = mm(probs, cols_mm, out=grad_rows[start:stop])
                 grad_scale += (block * residual).sum()
-                add_mm(grad_cols, probs.T, rows_mm[start:stop])
-            grads[rows_key] = grad_rows.mul_(scale)
-            grads[cols_key] = grad_cols.mul_(scale)
+                if low is None:
+                    grad_cols.addmm_(probs.T, rows_mm[start:stop])
+                else:
+                    grad_cols.add_(torch.mm(probs.T.to(low), rows_mm[start:stop]))
+            grads[i_rows] = grad_rows.mul_(scale)
+            grads[i_cols] = grad_cols.mul_(scale)
         norm = 1.0 / (2 * n)
-        ctx.grads = {k: v.mul_(norm) for k, v in grads.items()}  # type: ignore[attr-defined]
+        ctx.grads = [grads[i].mul_(norm) for i in range(4)]  # type: ignore[attr-defined]
         grad_scale = (grad_scale * norm).to(logit_scale.dtype)
         ctx.grad_scale = grad_scale.reshape(logit_scale.shape)  # type: ignore[attr-defined]
         ctx.bias_like = None if logit_bias is None else torch.zeros_like(logit_bias)  # type: ignore[attr-defined]
@@ -206,26 +188,7 @@ class _XCLRClipChunked(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
-        grads: dict[str, Tensor] = ctx.grads  # type: ignore[attr-defined]
-        out = [
-            grads[k] * grad_loss
-            for k in ("image_rows", "text_rows", "image_cols", "text_cols")
-        ]
+        out = [g * grad_loss for g in ctx.grads]  # type: ignore[attr-defined]
         grad_scale: Tensor = ctx.grad_scale * grad_loss  # type: ignore[attr-defined]
         grad_bias: Tensor | None = ctx.bias_like  # type: ignore[attr-defined]
         return (*out, grad_scale, grad_bias, None, None, None, None, None, None)
-
-
-def _chunk_target(
-    row_desc: Tensor,
-    col_desc: Tensor,
-    inv_tau_s: float,
-    out: Tensor,
-    mm: Callable[..., Tensor] = torch.mm,
-) -> Tensor:
-    """``softmax_j(S_ij / tau_s)`` for a block of rows, written into ``out``."""
-    if row_desc.is_floating_point():
-        sim = mm(row_desc, col_desc.T, out=out)
-    else:
-        sim = out.copy_(row_desc[:, None] == col_desc[None, :])
-    return _softmax_(sim.mul_(inv_tau_s))

@@ -1,13 +1,8 @@
 """Contrastive losses by name, found through the ``xclr_plugin.losses`` entry points.
 
 A distribution registers a :class:`torch.nn.Module` class or factory in its
-``pyproject.toml``: ``[project.entry-points."xclr_plugin.losses"]`` ``my-loss =
-"my_package.losses:MyLoss"``. Nothing is imported until a name is asked for
-(:func:`list_losses` reads only metadata; open_clip is imported only for ``clip``,
-``siglip`` and ``xclr-clip``). xclr-plugin registers ``xclr``, ``supcon`` (X-CLR on
-labels), ``xclr-clip``, lightly's ``ntxent``, ``dcl``, ``dclw`` and open_clip's ``clip``,
-``siglip``: ``create_loss("xclr", temperature=0.1)``,
-``build_criterion({"name": "ntxent", "temperature": 0.5})``.
+``pyproject.toml`` (``[project.entry-points."xclr_plugin.losses"]``, ``my-loss =
+"my_package.losses:MyLoss"``); nothing is imported until a name is asked for.
 """
 
 from __future__ import annotations
@@ -23,14 +18,15 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
+from xclr_plugin.loss import XCLRLoss
+
 ENTRY_POINT_GROUP = "xclr_plugin.losses"
 
 InputKind = Literal["two-view", "image-text"]
 TargetKind = Literal["captions", "labels", "none"]
 
-# What xclr-plugin's losses expect, by entry-point value, so that loss_info() imports
-# nothing for them. Other losses describe themselves with ``loss_inputs`` /
-# ``loss_targets`` attributes on the registered object (default: two-view, none).
+# By entry-point value, so that loss_info() imports nothing for xclr-plugin's losses;
+# others set ``loss_inputs`` / ``loss_targets`` on the registered object.
 _KNOWN_KINDS: dict[str, tuple[InputKind, TargetKind]] = {
     "xclr_plugin.loss:XCLRLoss": ("two-view", "captions"),
     "xclr_plugin.registry:supcon_loss": ("two-view", "labels"),
@@ -42,7 +38,6 @@ _KNOWN_KINDS: dict[str, tuple[InputKind, TargetKind]] = {
     "open_clip.loss:SigLipLoss": ("image-text", "none"),
 }
 
-# Extras that provide the host libraries, for the error message of a failed import.
 _INSTALL_HINTS: dict[str, str] = {
     "open_clip": 'pip install "xclr-plugin[openclip]"',
     "lightly": 'pip install "xclr-plugin"',
@@ -67,15 +62,15 @@ class LossSpec:
 
     @property
     def module(self) -> str:
-        """The module that provides the loss (imported only by :meth:`load`)."""
+        """The module that provides the loss."""
         return self.value.partition(":")[0].strip()
 
     def load(self) -> Callable[..., nn.Module]:
         """Imports the registered class or factory.
 
         Raises:
-            ImportError: If the module cannot be imported or lacks the attribute, with
-                the install command where it is known.
+            ImportError: If it cannot be imported (with the install command if known).
+            TypeError: If the entry point names something not callable.
         """
         ep = importlib.metadata.EntryPoint(self.name, self.value, ENTRY_POINT_GROUP)
         try:
@@ -98,13 +93,11 @@ class LossSpec:
 
 @functools.cache
 def _entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
-    """Registered name -> its entry points, one per distinct value (cached)."""
-    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    """Registered name -> its entry points, one per distinct value."""
+    found: dict[str, dict[str, importlib.metadata.EntryPoint]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        same = found.setdefault(ep.name, [])
-        if all(other.value != ep.value for other in same):
-            same.append(ep)
-    return found
+        found.setdefault(ep.name, {}).setdefault(ep.value, ep)
+    return {name: list(eps.values()) for name, eps in found.items()}
 
 
 def clear_cache() -> None:
@@ -118,31 +111,28 @@ def list_losses() -> list[str]:
     return sorted(_entry_points())
 
 
-def _unknown_name_error(name: object) -> ValueError:
-    """Builds the error for an unregistered name, with the closest match."""
-    names = list_losses()
-    close = difflib.get_close_matches(name, names, 1) if isinstance(name, str) else []
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ValueError(
-        f"Unknown loss name {name!r}.{hint} Available losses: {', '.join(names) or 'none'}"
-        f" (registered under the entry-point group '{ENTRY_POINT_GROUP}')."
-    )
-
-
 def loss_info(name: str) -> LossSpec:
     """Describes a registered loss without building it.
 
     Nothing is imported for xclr-plugin's losses; for others the registered object is
-    imported and its optional ``loss_inputs`` / ``loss_targets`` attributes are read.
+    imported and its optional ``loss_inputs`` / ``loss_targets`` attributes are read
+    (default ``"two-view"``, ``"none"``).
 
     Raises:
         ValueError: If the name is not registered (naming the available names and the
             closest match), is registered by several distributions with different
             targets, or declares an unknown kind.
     """
-    eps = _entry_points().get(name) if isinstance(name, str) else None
-    if not eps:
-        raise _unknown_name_error(name)
+    eps = _entry_points().get(name, []) if isinstance(name, str) else None
+    if not eps:  # [] for an unregistered string, None for a non-string
+        names = list_losses()
+        close = difflib.get_close_matches(name, names, 1) if eps is not None else []
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"Unknown loss name {name!r}.{hint} Available losses: "
+            f"{', '.join(names) or 'none'} (registered under the entry-point group "
+            f"'{ENTRY_POINT_GROUP}')."
+        )
     if len(eps) > 1:
         owners = ", ".join(f"'{ep.value}' ({_distribution_name(ep)})" for ep in eps)
         raise ValueError(
@@ -150,12 +140,10 @@ def loss_info(name: str) -> LossSpec:
             f"{owners}. Uninstall one of the distributions."
         )
     ep = eps[0]
-    value = ep.value.strip()
+    value, distribution = ep.value.strip(), _distribution_name(ep)
     if value in _KNOWN_KINDS:
-        inputs, targets = _KNOWN_KINDS[value]
-        return LossSpec(name, value, _distribution_name(ep), inputs, targets)
-    spec = LossSpec(name, value, _distribution_name(ep), "two-view", "none")
-    obj = spec.load()
+        return LossSpec(name, value, distribution, *_KNOWN_KINDS[value])
+    obj = LossSpec(name, value, distribution, "two-view", "none").load()
     inputs = getattr(obj, "loss_inputs", "two-view")
     targets = getattr(obj, "loss_targets", "none")
     if inputs not in get_args(InputKind) or targets not in get_args(TargetKind):
@@ -164,11 +152,10 @@ def loss_info(name: str) -> LossSpec:
             f"loss_targets={targets!r}; expected loss_inputs in {get_args(InputKind)} "
             f"and loss_targets in {get_args(TargetKind)}."
         )
-    return LossSpec(name, value, _distribution_name(ep), inputs, targets)
+    return LossSpec(name, value, distribution, inputs, targets)
 
 
 def _distribution_name(ep: importlib.metadata.EntryPoint) -> str | None:
-    """The name of the distribution that declares an entry point, if known."""
     dist = getattr(ep, "dist", None)
     return None if dist is None else str(dist.metadata["Name"])
 
@@ -183,9 +170,8 @@ def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
 def parameter_names(factory: Callable[..., Any]) -> list[str] | None:
     """The keyword parameters a class or factory accepts, in signature order.
 
-    The one signature-introspection helper: the registry and both trainers name the
-    arguments a loss accepts with it. None if the factory takes ``**kwargs`` or has no
-    signature (anything may be accepted; the call itself checks).
+    The one signature-introspection helper (registry and both trainers). None if the
+    factory takes ``**kwargs`` or has no signature: the call itself checks.
     """
     signature = _signature(factory)
     if signature is None:
@@ -257,8 +243,6 @@ def build_criterion(config: Mapping[str, Any]) -> nn.Module:
             f"The criterion config needs a 'name' key naming the loss (one of: "
             f"{', '.join(list_losses())}); got keys {sorted(kwargs)}."
         )
-    if not isinstance(name, str):
-        raise _unknown_name_error(name)
     return create_loss(name, **{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -277,8 +261,6 @@ def supcon_loss(
     over the positives: soft-label SupCon (Khosla et al., 2020). Call the loss as
     ``loss(out0, out1, labels)``. Arguments as :class:`xclr_plugin.loss.XCLRLoss`.
     """
-    from xclr_plugin.loss import XCLRLoss
-
     return XCLRLoss(
         temperature,
         target_temperature,

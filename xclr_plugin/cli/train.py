@@ -12,7 +12,6 @@ before training; a non-finite loss exits with status 1.
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 import hydra
 from lightly.cli._helpers import fix_hydra_arguments
@@ -22,17 +21,14 @@ from xclr_plugin.errors import run_command
 from xclr_plugin.integrations.lightly_train.config import CONFIG_DIR, CONFIG_NAME
 from xclr_plugin.integrations.lightly_train.training import fit, prepare
 
-PROG = "xclr-train"
-
 
 def _run(cfg: DictConfig) -> None:
-    """The hydra task: config errors before training, then only a non-finite loss."""
-    plan = run_command(PROG, lambda: prepare(cfg, is_cli_call=True))
-    if isinstance(plan, int):
+    """Config errors before training (status 2), then only a non-finite loss (1)."""
+    plan = run_command("xclr-train", lambda: prepare(cfg, is_cli_call=True))
+    if isinstance(plan, int) or isinstance(
+        plan := run_command("xclr-train", lambda: fit(plan), errors=()), int
+    ):
         sys.exit(plan)
-    result = run_command(PROG, partial(fit, plan), errors=())
-    if isinstance(result, int):
-        sys.exit(result)
 
 
 # An absolute config path: a file-based config source (no __init__.py needed there).

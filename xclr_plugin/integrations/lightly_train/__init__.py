@@ -1,12 +1,8 @@
 """``xclr-train``: lightly's ``lightly-ssl-train`` with a choice of loss.
 
-The config (``xclr_train.yaml``) is lightly's own plus ``criterion.name`` (a two-view
-loss of :mod:`xclr_plugin.registry`, default ``ntxent``), ``captions.*`` and
-``trainer.accelerator`` / ``devices`` / ``strategy``. Training is lightly's, built in
-its order from the same seed (``ntxent`` reproduces lightly-ssl-train step for step);
-a loss with targets gets the caption embeddings or class labels of each batch. Every
-config error is found before training: :mod:`.config` (keys), :mod:`.targets` (loss,
-captions), :mod:`.images`, :mod:`.training` (batches, trainer, a trial step).
+:mod:`.config` types and checks the config, :mod:`.targets` the images, the loss and
+its targets (caption embeddings or class labels), :mod:`.training` builds the run in
+lightly-ssl-train's order and fits it.
 
 Examples:
     >>> result = train(load_config(["input_dir=images/", "criterion.name=supcon"]))
@@ -19,9 +15,12 @@ from xclr_plugin.integrations.lightly_train.config import (
     load_config,
     parse_config,
 )
-from xclr_plugin.integrations.lightly_train.modules import TargetEmbedding
 from xclr_plugin.integrations.lightly_train.targets import prepare_targets
-from xclr_plugin.integrations.lightly_train.training import TrainResult, train
+from xclr_plugin.integrations.lightly_train.training import (
+    TargetEmbedding,
+    TrainResult,
+    train,
+)
 
 __all__ = [
     "CONFIG_DIR",

@@ -1,9 +1,8 @@
-"""The ``xclr-train`` config: composed by hydra, typed and checked once.
+"""The ``xclr-train`` config: composed by hydra, typed and range-checked once.
 
-:class:`TrainConfig` is an OmegaConf structured config (a mistyped value such as
-``trainer.max_epochs=abc`` is refused by name) whose fields carry their ranges. Keys
-a section does not declare go to its ``extra`` and are passed on with it
-(``+trainer.log_every_n_steps=1``, ``collate.cj_prob``, a loss's own arguments).
+:class:`TrainConfig` is an OmegaConf structured config (``trainer.max_epochs=abc`` is
+refused by name) whose fields carry their ranges. Keys a section does not declare go to
+its ``extra`` and are passed on with it (``+trainer.log_every_n_steps=1``).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -21,9 +20,6 @@ from lightly.cli._helpers import fix_input_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["CONFIG_DIR", "CONFIG_NAME", "TrainConfig", "load_config", "parse_config"]
-
-#: Folder of the hydra config, and the config's name.
 CONFIG_DIR = Path(__file__).parent
 CONFIG_NAME = "xclr_train"
 
@@ -48,27 +44,19 @@ def _path() -> Any:
 
 def _is_bank(v: Any) -> bool:
     ints = [v] if isinstance(v, int) else v if isinstance(v, list) else [None]
-    ok = all(isinstance(i, int) and not isinstance(i, bool) for i in ints)
+    ok = all(type(i) is int for i in ints)
     return ok and (ints == [0] or (len(ints) == 2 and min(ints) > 0))
+
+
+def _epochs(v: int) -> bool:
+    return v >= 1 or v == -1
 
 
 @dataclass
 class Section:
     """A config section; ``extra`` holds the keys it does not declare."""
 
-    prefix: ClassVar[str] = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value, rule = getattr(self, f.name), f.metadata.get("rule")
-            key = f"{self.prefix}{f.name}"
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{key} must be a finite number, got {value!r}.")
-            if rule and value is not None and not rule[0](value):
-                raise ValueError(f"{key} must be {rule[1]}, got {value!r}.")
-            if f.metadata.get("path") and not value:
-                setattr(self, f.name, None)
 
     def kwargs(self) -> dict[str, Any]:
         """The section as keyword arguments: its fields, then the extra keys."""
@@ -78,7 +66,6 @@ class Section:
 
 @dataclass
 class ModelConfig(Section):
-    prefix = "model."
     name: str = _one_of([f"resnet-{n}" for n in (9, 18, 34, 50, 101, 152)], "resnet-18")
     width: float = _rule(1.0, lambda v: v > 0, "> 0")
     num_ftrs: int = _at_least(1, 32)
@@ -89,7 +76,6 @@ class ModelConfig(Section):
 class CriterionConfig(Section):
     """The loss name; every other key is a loss argument (None: the loss's default)."""
 
-    prefix = "criterion."
     name: str = "ntxent"
     temperature: float | None = None
     target_temperature: float | None = None
@@ -99,26 +85,23 @@ class CriterionConfig(Section):
     )
 
     def loss_kwargs(self) -> dict[str, Any]:
-        """The loss arguments that are set: every key but ``name`` that is not None."""
+        """Every key but ``name`` that is not None."""
         return {k: v for k, v in self.kwargs().items() if k != "name" and v is not None}
 
 
 @dataclass
 class OptimizerConfig(Section):
-    prefix = "optimizer."
     lr: float = _at_least(0, 1.0)
     weight_decay: float = _at_least(0, 1e-5)
 
 
 @dataclass
 class CollateConfig(Section):
-    prefix = "collate."
     input_size: int = _at_least(1, 64)
 
 
 @dataclass
 class LoaderConfig(Section):
-    prefix = "loader."
     batch_size: int = _at_least(1, 16)
     shuffle: bool = True
     num_workers: int = -1  # -1: one per CPU core
@@ -132,14 +115,11 @@ _EPOCHS = ">= 1, or -1 for no limit"
 class TrainerConfig(Section):
     """Lightning ``Trainer`` arguments; ``gpus`` as lightly-ssl-train reads it."""
 
-    prefix = "trainer."
     gpus: int | None = _at_least(0, None)
     max_epochs: int | None = _rule(
-        None,
-        lambda v: v >= 1 or v == -1,
-        f"{_EPOCHS} (0 trains nothing and writes no checkpoint)",
+        None, _epochs, f"{_EPOCHS} (0 trains nothing and writes no checkpoint)"
     )
-    max_steps: int = _rule(-1, lambda v: v >= 1 or v == -1, _EPOCHS)
+    max_steps: int = _rule(-1, _epochs, _EPOCHS)
     accelerator: str | None = None
     devices: Any = None
     strategy: str | None = None
@@ -152,12 +132,9 @@ class TrainerConfig(Section):
         gpu, gpus = torch.cuda.is_available(), kwargs.pop("gpus") or 1
         many = gpu and gpus > 1
         kwargs["accelerator"] = self.accelerator or ("gpu" if gpu else "cpu")
-        kwargs["devices"] = (
-            self.devices if self.devices is not None else gpus if many else 1
-        )
-        kwargs["strategy"] = self.strategy or ("ddp" if many else None)
-        if kwargs["strategy"] is None:
-            del kwargs["strategy"]  # Lightning's default
+        if self.devices is None:
+            kwargs["devices"] = gpus if many else 1
+        kwargs["strategy"] = self.strategy or ("ddp" if many else "auto")
         return kwargs
 
     def world_size(self) -> int | None:
@@ -166,13 +143,11 @@ class TrainerConfig(Section):
         if isinstance(devices, str) and "," in devices:
             devices = [d for d in devices.split(",") if d.strip()]
         count = len(devices) if isinstance(devices, list) else devices
-        ok = isinstance(count, int) and not isinstance(count, bool) and count >= 1
-        return count * self.num_nodes if ok else None
+        return count * self.num_nodes if type(count) is int and count >= 1 else None
 
 
 @dataclass
 class CheckpointConfig(Section):
-    prefix = "checkpoint_callback."
     save_last: bool | None = True
     save_top_k: int = _at_least(-1, 1)
     dirpath: str | None = None
@@ -180,13 +155,11 @@ class CheckpointConfig(Section):
 
 @dataclass
 class SummaryConfig(Section):
-    prefix = "summary_callback."
     max_depth: int = _at_least(-1, 1)
 
 
 @dataclass
 class CaptionsConfig(Section):
-    prefix = "captions."
     source: str | None = _path()
     format: str = _one_of(["auto", "csv", "jsonl", "folder", "classes"], "auto")
     sep: str | None = None
@@ -240,12 +213,29 @@ def _split(cls: Any, values: Mapping[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"extra": {}}
     for key, value in values.items():
         kind = hints.get(key) if key != "extra" else None
-        nested = is_dataclass(kind) and isinstance(value, Mapping)
         if kind is None:
             out["extra"][key] = value
+        elif is_dataclass(kind) and isinstance(value, Mapping):
+            out[key] = _split(kind, value)
         else:
-            out[key] = _split(kind, value) if nested else value
+            out[key] = value
     return out
+
+
+def _check(section: Any, prefix: str, is_cli_call: bool) -> None:
+    """Checks the ranges of ``section``'s fields; empty paths become None."""
+    for f in fields(section):
+        key, value = prefix + f.name, getattr(section, f.name)
+        test, expected = f.metadata.get("rule", (None, ""))
+        if is_dataclass(value):
+            _check(value, f"{key}.", is_cli_call)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}.")
+        elif test and value is not None and not test(value):
+            raise ValueError(f"{key} must be {expected}, got {value!r}.")
+        elif f.metadata.get("path"):
+            fixed = fix_input_path(value) if value and is_cli_call else value
+            setattr(section, f.name, fixed or None)
 
 
 def parse_config(
@@ -266,15 +256,13 @@ def parse_config(
     assert isinstance(plain, dict)
     plain.pop("hydra", None)
     try:
-        merged = OmegaConf.merge(TrainConfig, _split(TrainConfig, plain))
-        config = OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(
+            OmegaConf.merge(TrainConfig, _split(TrainConfig, plain))
+        )
     except OmegaConfBaseException as err:
         # Hydra reads a mistyped value as a string, which lightly and Lightning would
         # only trip over deep inside training.
         raise ValueError(f"{err.full_key}: {str(err.msg).splitlines()[0]}.") from None
     assert isinstance(config, TrainConfig)
-    for section in (config, config.captions) if is_cli_call else ():
-        for f in fields(section):
-            if f.metadata.get("path") and getattr(section, f.name):
-                setattr(section, f.name, fix_input_path(getattr(section, f.name)))
+    _check(config, "", is_cli_call)
     return config

@@ -1,4 +1,5 @@
-"""The chosen loss, checked by name, and its targets: caption embeddings, labels, none."""
+"""What a run reads: the images of ``input_dir`` (checked), the loss (checked by name)
+and its targets (caption embeddings, class labels or none)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from lightly.data import LightlyDataset, MultiViewCollate
+from lightly.data._helpers import IMG_EXTENSIONS
 from omegaconf import DictConfig
+from PIL import Image
 
 from xclr_plugin import text
 from xclr_plugin.cache import CaptionLookup, caption_lookup
@@ -27,10 +30,68 @@ from xclr_plugin.integrations.lightly_train.config import (
     TrainConfig,
     parse_config,
 )
-from xclr_plugin.integrations.lightly_train.images import list_images
 from xclr_plugin.registry import LossSpec, loss_info, parameter_names
 
-__all__ = ["check_loss", "make_targets", "prepare_targets"]
+
+def _unreadable(err: OSError) -> None:
+    raise ValueError(f"input_dir: the folder {err.filename} cannot be read: {err}.")
+
+
+def _check_folder_links(input_dir: str) -> None:
+    """Refuses folder links that make torchvision (which follows them) read images
+    again: a loop repeats them until the path is too long, two links double them."""
+    seen = {os.path.realpath(input_dir)}
+    for root, dirs, _ in os.walk(input_dir, onerror=_unreadable, followlinks=True):
+        for path in (os.path.join(root, name) for name in sorted(dirs)):
+            if (real := os.path.realpath(path)) in seen:
+                raise ValueError(
+                    f"input_dir: {path} leads to {real}, which input_dir already holds "
+                    "(a link loop or a second link to one folder), so its images "
+                    "would be read more than once. Remove the link."
+                )
+            seen.add(real)
+
+
+def list_images(input_dir: str | None) -> LightlyDataset:
+    """The images of ``input_dir`` (no transform yet); ValueError if there are none."""
+    if input_dir is None:
+        raise ValueError("input_dir is not set: pass input_dir=<image folder>.")
+    if not os.path.isdir(input_dir):
+        what = "is not a folder" if os.path.exists(input_dir) else "does not exist"
+        raise ValueError(f"input_dir {input_dir!r} {what}.")
+    _check_folder_links(input_dir)
+    try:
+        return LightlyDataset(input_dir)
+    except (RuntimeError, FileNotFoundError) as err:  # "Found 0 files in folder ..."
+        raise ValueError(
+            f"input_dir {input_dir!r} holds no image files (searched with subfolders; "
+            f"extensions {', '.join(IMG_EXTENSIONS)}): {err}"
+        ) from None
+
+
+def verify_images(input_dir: str, filenames: Sequence[str]) -> None:
+    """Opens and verifies every image with PIL (for PNG every chunk and its CRC; JPEG
+    scan data is not decoded), naming the first unreadable one."""
+    bad: list[tuple[str, str]] = []
+    for path in (os.path.join(input_dir, name) for name in filenames):
+        if not path.lower().endswith(IMG_EXTENSIONS):  # videos: lightly's own reader
+            continue
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # PIL raises many kinds for many formats
+            bad.append((path, f"{type(err).__name__}: {err}"))
+    if bad:
+        more = f" ({len(bad)} of {len(filenames)} images are unreadable)"
+        raise ValueError(
+            f"the image {bad[0][0]} cannot be read{more if len(bad) > 1 else ''}: "
+            f"{bad[0][1]}. Remove or replace it (or set check_images=false to skip "
+            "this check)."
+        )
+
+
+def _keys(names: Sequence[str]) -> str:
+    return ", ".join(f"criterion.{k}" for k in names)
 
 
 def check_loss(criterion: CriterionConfig) -> LossSpec:
@@ -42,17 +103,15 @@ def check_loss(criterion: CriterionConfig) -> LossSpec:
             f"criterion.name={spec.name} is an image-text loss (forward(image_features, "
             "text_features, logit_scale, ...)); xclr-train trains lightly's two-view "
             "SimCLR model and needs a two-view loss such as ntxent, xclr or supcon. "
-            "Train image-text losses with the open_clip integration "
-            "(xclr-openclip-train)."
+            "Train image-text losses with the open_clip integration (xclr-openclip-train)."
         )
     accepted = parameter_names(spec.load())  # None: it takes **kwargs
     given = criterion.loss_kwargs()
-    rejected = [] if accepted is None else [k for k in given if k not in accepted]
+    rejected = [k for k in given if accepted is not None and k not in accepted]
     if rejected:
         raise TypeError(
-            f"criterion.name={spec.name} ({spec.value}) does not take "
-            f"{', '.join('criterion.' + k for k in rejected)}. It accepts: "
-            f"{', '.join('criterion.' + k for k in accepted or []) or 'no arguments'}."
+            f"criterion.name={spec.name} ({spec.value}) does not take {_keys(rejected)}."
+            f" It accepts: {_keys(accepted or []) or 'no arguments'}."
         )
     return spec
 
@@ -81,8 +140,7 @@ def _read_records(captions: CaptionsConfig, input_dir: str) -> list[CaptionRecor
                 "captions.format=classes to caption class folders from their names."
             )
         fmt = "folder"
-    elif fmt == "auto":
-        assert source is not None
+    elif fmt == "auto" and source is not None:
         fmt = detect_format(source)
         fmt = "folder" if fmt == "csv" and _is_sidecar(source) else fmt
     if fmt == "classes":
@@ -106,68 +164,60 @@ def _read_records(captions: CaptionsConfig, input_dir: str) -> list[CaptionRecor
 def _align(
     records: Sequence[CaptionRecord], filenames: Sequence[str], input_dir: str
 ) -> list[CaptionRecord]:
-    """The records in the order of the images, named as ``LightlyDataset`` names them.
-
-    A record path that is an image name of ``input_dir`` is taken as is; any other is
-    read as open_clip reads it (absolute, or relative to the working directory).
-    """
+    """The records in the order of the images, named as ``LightlyDataset`` names them:
+    a record path that is an image name of ``input_dir`` as is, any other as open_clip
+    reads it (absolute, or relative to the working directory)."""
     known = {Path(name).as_posix() for name in filenames}
     by_name: dict[str, CaptionRecord] = {}
     for record in records:
         name = Path(record.filename).as_posix()
-        if os.path.isabs(record.filename) or name not in known:
-            name = Path(
-                os.path.relpath(os.path.abspath(record.filename), input_dir)
-            ).as_posix()
-        by_name.setdefault(name, record)
-    aligned, missing = [], []
-    for name in filenames:
-        found = by_name.pop(Path(name).as_posix(), None)
-        if found is None:
-            missing.append(name)
-        else:
-            aligned.append(CaptionRecord(name, found.caption, found.label))
+        if os.path.isabs(name) or name not in known:
+            name = os.path.relpath(os.path.abspath(record.filename), input_dir)
+        by_name.setdefault(Path(name).as_posix(), record)
+    aligned = {name: by_name.pop(Path(name).as_posix(), None) for name in filenames}
+    missing = [name for name, record in aligned.items() if record is None]
     if missing:
-        unmatched = (
-            f" The captions name e.g. {next(iter(by_name))!r}, which is not an image "
-            "of input_dir."
-            if by_name
-            else ""
-        )
+        other = next(iter(by_name), None)
         raise ValueError(
             f"The captions do not cover the images: {len(missing)} of {len(filenames)} "
-            f"image(s) in {input_dir} have no caption, e.g. {missing[0]!r}.{unmatched} "
-            "File names in the captions must be relative to input_dir (or absolute)."
+            f"image(s) in {input_dir} have no caption, e.g. {missing[0]!r}."
+            + (
+                f" The captions name e.g. {other!r}, which is not an image of input_dir."
+                if other
+                else ""
+            )
+            + " File names in the captions must be relative to input_dir (or absolute)."
         )
-    return aligned
+    return [CaptionRecord(n, r.caption, r.label) for n, r in aligned.items() if r]
 
 
 def _embeddings(
     records: list[CaptionRecord], captions: CaptionsConfig
 ) -> CaptionLookup:
     """A finished cache of the records, opened without the encoder, else embedded."""
-    name, cache_dir = captions.encoder, captions.cache_dir
+    name, cache_dir, device = captions.encoder, captions.cache_dir, captions.device
+    encoder = partial(
+        text.TextEncoder,
+        name,
+        device=device,
+        batch_size=captions.batch_size,
+        show_progress=True,
+    )
     expected = os.path.abspath(name) if name and os.path.isdir(name) else name
     try:
         return caption_lookup(
             records,
             cache_dir,
-            partial(
-                text.TextEncoder,
-                name,
-                device=captions.device,
-                batch_size=captions.batch_size,
-                show_progress=True,
-            ),
+            encoder,
             encoder_name=expected or text.DEFAULT_MODEL_NAME,
             dtype=captions.dtype,
         )
     except (OSError, RuntimeError, ImportError) as err:
         # A missing encoder folder, an absent device, an unwritable cache folder.
+        cache = f", captions.cache_dir={cache_dir}" if cache_dir else ""
         raise ValueError(
             f"captions: embedding the captions failed (captions.encoder="
-            f"{name or 'null (all-MiniLM-L6-v2)'}, captions.device={captions.device}"
-            f"{f', captions.cache_dir={cache_dir}' if cache_dir else ''}): "
+            f"{name or 'null (all-MiniLM-L6-v2)'}, captions.device={device}{cache}): "
             f"{type(err).__name__}: {err}"
         ) from None
 
@@ -176,9 +226,9 @@ def make_targets(
     config: TrainConfig, spec: LossSpec, dataset: LightlyDataset
 ) -> tuple[Any, str]:
     """``(collate_fn, kind)`` for the loss ``spec`` on the images of ``dataset``."""
-    input_dir = str(config.input_dir)
     if spec.targets == "none":
         return MultiViewCollate(), "none"
+    input_dir = str(config.input_dir)
     if spec.targets == "labels":
         classes = getattr(dataset.dataset, "classes", None) or []
         if len(classes) < 2:
@@ -196,18 +246,13 @@ def make_targets(
 def prepare_targets(
     cfg: TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
 ) -> tuple[Any, str]:
-    """Checks the config for the chosen loss and builds what its targets need.
-
-    Returns:
-        ``(collate_fn, kind)``: lightly's ``MultiViewCollate`` and ``"none"``, or an
-        :class:`xclr_plugin.data.XCLRCollate` with the caption embeddings
-        (``"captions"``) or with ``use_labels=True`` (``"labels"``).
+    """Checks the config for its loss and returns ``(collate_fn, kind)``: lightly's
+    ``MultiViewCollate`` and ``"none"``, or an ``XCLRCollate`` with the caption
+    embeddings (``"captions"``) or ``use_labels=True`` (``"labels"``).
 
     Raises:
-        ValueError: For a bad key, an unknown or image-text loss, a bad ``input_dir``,
-            no or bad captions (missing images, not finite), or fewer than two class
-            folders for label losses.
-        TypeError: For a ``criterion.*`` key the loss does not take.
+        ValueError: For a bad key, loss, ``input_dir`` or captions (TypeError for a
+            ``criterion.*`` key the loss does not take).
     """
     config = parse_config(cfg, is_cli_call=is_cli_call)
     spec = check_loss(config.criterion)

@@ -1,9 +1,8 @@
-"""A run of ``xclr-train``: checked and built before training, then lightly's fit.
+"""A run of ``xclr-train``: model, module and trainer, checked and built, then fit.
 
-:func:`prepare` builds each piece once, in the order of
-``lightly.cli.train_cli._train_cli`` (seed, model, criterion, SGD, transform, loader,
-``SelfSupervisedEmbedding``, trainer), so the random stream is lightly-ssl-train's;
-the checks run in between, cheap ones first and the trainer (which logs) last.
+:func:`prepare` builds each piece once, in the order of lightly-ssl-train
+(``lightly.cli.train_cli._train_cli``), so the random stream is the same; the checks
+run in between, cheap ones first and the trainer (which logs) last.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightly.cli._cli_simclr import _SimCLR
 from lightly.cli._helpers import (
     cpu_count,
     get_ptmodel_from_config,
@@ -29,28 +29,77 @@ from lightly.cli._helpers import (
     load_state_dict_from_url,
 )
 from lightly.embedding import SelfSupervisedEmbedding, callbacks
+from lightly.models import ResNetGenerator
+from lightly.models.batchnorm import get_norm_layer
 from lightly.transforms import SimCLRTransform
 from omegaconf import DictConfig
-from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning import Callback, LightningModule, Trainer
+from torch import Tensor, nn
 
+from xclr_plugin.errors import NonFiniteLossError
 from xclr_plugin.integrations.lightly_train import config as conf
-from xclr_plugin.integrations.lightly_train.images import list_images, verify_images
-from xclr_plugin.integrations.lightly_train.modules import (
-    StopOnNonFiniteLoss,
-    TargetEmbedding,
-    build_model,
+from xclr_plugin.integrations.lightly_train.targets import (
+    check_loss,
+    list_images,
+    make_targets,
+    verify_images,
 )
-from xclr_plugin.integrations.lightly_train.targets import check_loss, make_targets
 from xclr_plugin.registry import create_loss
 
-__all__ = ["Plan", "TrainResult", "check_batches", "fit", "prepare", "train"]
+
+def build_model(model: conf.ModelConfig) -> nn.Module:
+    """lightly-ssl-train's model: ``ResNetGenerator`` backbone and ``_SimCLR`` head."""
+    *body, last = ResNetGenerator(model.name, model.width).children()
+    features = nn.Sequential(
+        get_norm_layer(3, 0),
+        *body,
+        nn.Conv2d(last.in_features, model.num_ftrs, 1),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    return _SimCLR(features, num_ftrs=model.num_ftrs, out_dim=model.out_dim)  # type: ignore[no-any-return]
+
+
+class TargetEmbedding(SelfSupervisedEmbedding):  # type: ignore[misc]
+    """lightly's ``SelfSupervisedEmbedding`` whose loss also gets the batch's targets
+    (caption embeddings or labels): ``criterion(out0, out1, targets)``."""
+
+    def training_step(
+        self, batch: tuple[list[Tensor], Tensor | None, list[str]], batch_idx: int
+    ) -> Tensor:
+        (x0, x1), targets, _ = batch
+        loss: Tensor = self.criterion(*self(x0, x1), targets)
+        # Each process's loss covers its own anchors; their mean is the global batch's.
+        self.log("loss", loss, sync_dist=True)
+        return loss
+
+
+class StopOnNonFiniteLoss(Callback):  # type: ignore[misc]
+    """Stops on a NaN or infinite loss before the backward pass (earlier checkpoints
+    stay finite); under DDP all processes stop, instead of the others hanging."""
+
+    def __init__(self, loss_name: str) -> None:
+        self.loss_name = loss_name
+
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: Tensor
+    ) -> None:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            value = str(loss.detach().float().flatten()[0].item())
+            raise NonFiniteLossError(
+                f"the {self.loss_name} loss is "
+                f"{'non-finite on another process' if finite else value} at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}; training stopped "
+                "before this step's update (checkpoints of earlier epochs are kept). "
+                "Usual causes: a too high optimizer.lr, a too low "
+                "criterion.temperature, or non-finite caption embeddings."
+            )
 
 
 @dataclass
 class TrainResult:
-    """The best (with lightly's defaults: the last) checkpoint, empty if none was
-    written; the trainer's final logged metrics (``{"loss": 4.1}``); the loss name."""
+    """The best (with lightly's defaults: the last) checkpoint, "" if none was written;
+    the trainer's final logged metrics (``{"loss": 4.1}``); the loss name."""
 
     checkpoint: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -64,19 +113,22 @@ class Plan:
     config: conf.TrainConfig
     module: SelfSupervisedEmbedding
     trainer: Trainer
-    checkpoint_callback: ModelCheckpoint
 
 
 @contextmanager
 def _section(
-    name: str, hint: str = "", errors: Any = (TypeError, ValueError)
+    key: str, hint: str = "", errors: Any = (TypeError, ValueError)
 ) -> Iterator[None]:
     """Reports a failure to build a config section's piece as a config error."""
     try:
         yield
     except errors as err:
-        kind = "" if isinstance(err, (TypeError, ValueError)) else type(err).__name__
-        raise ValueError(f"{name}: {kind + ': ' if kind else ''}{err}{hint}") from None
+        kind = (
+            ""
+            if isinstance(err, (TypeError, ValueError))
+            else f"{type(err).__name__}: "
+        )
+        raise ValueError(f"{key}: {kind}{err}{hint}") from None
 
 
 def check_batches(
@@ -90,8 +142,7 @@ def check_batches(
     gather = bool(criterion.gather_distributed)
     if world_size is None and gather:
         return
-    world_size = world_size or 1
-    batch = min(loader.batch_size, count)  # as lightly-ssl-train clamps it
+    world_size, batch = world_size or 1, min(loader.batch_size, count)  # as lightly
     if batch < 2 and not (gather and world_size > 1) and not criterion.memory_bank_size:
         what = (
             f"loader.batch_size={loader.batch_size}"
@@ -114,19 +165,6 @@ def check_batches(
         )
 
 
-def _check_writable(dirpath: str | None) -> None:
-    """Lightning writes the first checkpoint after an epoch: check the folder now."""
-    try:
-        if dirpath:
-            os.makedirs(dirpath, exist_ok=True)
-            tempfile.TemporaryFile(dir=dirpath).close()
-    except OSError as err:
-        raise ValueError(
-            f"checkpoint_callback.dirpath={dirpath}: checkpoints cannot be written "
-            f"there: {err}."
-        ) from None
-
-
 def _state_dict(config: conf.TrainConfig) -> dict[str, Any] | None:
     """lightly-ssl-train's starting weights: ``checkpoint``, or the model zoo's."""
     checkpoint = config.checkpoint
@@ -141,41 +179,35 @@ def _state_dict(config: conf.TrainConfig) -> dict[str, Any] | None:
     if not checkpoint:
         return None
     load = load_state_dict_from_url if is_url(checkpoint) else torch.load
-    try:
-        return load(checkpoint, map_location="cpu")["state_dict"]  # type: ignore[no-any-return]
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
-        source = (
-            f"checkpoint={checkpoint}"
-            if config.checkpoint
-            else "pre_trained=true downloads them; pre_trained=false trains from scratch"
-        )
-        raise ValueError(
-            f"checkpoint: cannot load the starting weights ({source}): "
-            f"{type(err).__name__}: {err}"
-        ) from None
+    source = (
+        f"checkpoint={checkpoint}"
+        if config.checkpoint
+        else "pre_trained=true downloads them; pre_trained=false trains from scratch"
+    )
+    errors = (OSError, RuntimeError, KeyError, TypeError, ValueError)
+    with _section(
+        "checkpoint", f" (cannot load the starting weights: {source})", errors
+    ):
+        state: dict[str, Any] = load(checkpoint, map_location="cpu")["state_dict"]
+    return state
 
 
-def _trial_step(
-    config: conf.TrainConfig, module: SelfSupervisedEmbedding, kind: str
-) -> None:
+def _trial_step(module: SelfSupervisedEmbedding, kind: str) -> None:
     """One forward pass of transform, model and loss on two images, on copies (the
     model's batch-norm statistics and a loss's memory bank stay as built); finds what
     only shows when the pieces meet, e.g. an input size too small for the network."""
-    stage, dataset = "collate", module.dataloader.dataset
+    stage, loader = "collate", module.dataloader
     try:
         with torch.no_grad():
-            transform = SimCLRTransform(**config.collate.kwargs())
-            items = []
-            for index in range(min(2, len(dataset))):
-                image, label, name = dataset[index]
-                items.append((transform(image), label, name))
-            views, targets, _ = module.dataloader.collate_fn(items)
+            items = [loader.dataset[i] for i in range(min(2, len(loader.dataset)))]
+            views, targets, _ = loader.collate_fn(items)
             stage = "model"
             out = copy.deepcopy(module.model).train()(views[0], views[1])
             stage = "criterion"
             if len(items) == 2:
-                loss = copy.deepcopy(module.criterion)
-                loss(*out) if kind == "none" else loss(*out, targets)
+                copy.deepcopy(module.criterion)(
+                    *out, *([targets] if kind != "none" else [])
+                )
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as err:
         raise ValueError(
             f"{stage}: a trial step on two images failed: {type(err).__name__}: {err}"
@@ -186,7 +218,7 @@ def _settle_gather(config: conf.TrainConfig) -> int | None:
     """The process count asked for; drops ``criterion.gather_distributed`` (with a
     warning) where it cannot gather, warns where it is missing."""
     criterion, world_size = config.criterion, config.trainer.world_size()
-    ddp = str(config.trainer.kwargs().get("strategy", "")).startswith("ddp")
+    ddp = str(config.trainer.kwargs()["strategy"]).startswith("ddp")
     if criterion.gather_distributed and world_size == 1 and not ddp:
         warnings.warn(
             "criterion.gather_distributed=true has no effect in a single process; "
@@ -206,8 +238,8 @@ def _settle_gather(config: conf.TrainConfig) -> int | None:
 def prepare(
     cfg: conf.TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
 ) -> Plan:
-    """Checks all that can be checked before training, and builds the run (see
-    :func:`train` for the arguments and errors)."""
+    """Checks all that can be checked before training and builds the run (see
+    :func:`train`)."""
     config = conf.parse_config(cfg, is_cli_call=is_cli_call)
     spec = check_loss(config.criterion)
     world_size = _settle_gather(config)
@@ -216,7 +248,11 @@ def prepare(
     if config.check_images and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         verify_images(str(config.input_dir), dataset.get_filenames())
     check_batches(config.loader, config.criterion, len(dataset), world_size)
-    _check_writable(config.checkpoint_callback.dirpath)
+    if dirpath := config.checkpoint_callback.dirpath:  # Lightning writes it only later
+        hint = " (checkpoints cannot be written there)"
+        with _section(f"checkpoint_callback.dirpath={dirpath}", hint, OSError):
+            os.makedirs(dirpath, exist_ok=True)
+            tempfile.TemporaryFile(dir=dirpath).close()
     state_dict = _state_dict(config)
 
     torch.manual_seed(config.seed)
@@ -238,6 +274,8 @@ def prepare(
         criterion = create_loss(spec.name, **config.criterion.loss_kwargs())
     with _section("optimizer", " (optimizer.* is passed to torch.optim.SGD)"):
         optimizer = torch.optim.SGD(model.parameters(), **config.optimizer.kwargs())
+    with _section("collate"):
+        dataset.transform = SimCLRTransform(**config.collate.kwargs())
     loader = config.loader.kwargs()
     loader["batch_size"] = min(loader["batch_size"], len(dataset))
     if loader["num_workers"] < 0:
@@ -251,12 +289,11 @@ def prepare(
             )
         module_cls = SelfSupervisedEmbedding if kind == "none" else TargetEmbedding
         module = module_cls(model, criterion, optimizer, dataloader)
-        _trial_step(config, module, kind)
+        _trial_step(module, kind)
     # lightly-ssl-train seeds torch only; its blur and rotation draw from numpy, so
     # numpy and random are seeded too (after the trial step, which draws from them).
     random.seed(config.seed)
     np.random.seed(config.seed)
-    dataset.transform = SimCLRTransform(**config.collate.kwargs())
 
     # lightly's SelfSupervisedEmbedding.train_embedding, with one more callback.
     with _section("checkpoint_callback"):
@@ -271,18 +308,18 @@ def prepare(
         )
     # Now with the process count Lightning settled on (devices=auto, -1, ...).
     check_batches(config.loader, config.criterion, len(dataset), trainer.world_size)
-    return Plan(config, module, trainer, checkpoint_cb)
+    return Plan(config, module, trainer)
 
 
 def fit(plan: Plan) -> TrainResult:
     """Trains a prepared run; reports its checkpoint as lightly-ssl-train does."""
-    trainer, module = plan.trainer, plan.module
+    config, module, trainer = plan.config, plan.module, plan.trainer
     trainer.fit(module)
-    best = plan.checkpoint_callback.best_model_path
+    best = trainer.checkpoint_callback.best_model_path
     checkpoint = os.path.join(module.cwd, best) if best else ""
     module.checkpoint = checkpoint or None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    name = plan.config.criterion.name
+    name = config.criterion.name
     if trainer.is_global_zero:
         print(
             f"Best model is stored at: {checkpoint}"
@@ -292,18 +329,17 @@ def fit(plan: Plan) -> TrainResult:
         )
         if "loss" in metrics:
             print(f"Final training loss ({name}): {metrics['loss']:.6f}")
-    env = plan.config.environment_variable_names["lightly_last_checkpoint_path"]
-    os.environ[env] = checkpoint
+    os.environ[config.environment_variable_names["lightly_last_checkpoint_path"]] = (
+        checkpoint
+    )
     return TrainResult(checkpoint, metrics, name)
 
 
 def train(
     cfg: conf.TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
 ) -> TrainResult:
-    """Trains like ``lightly-ssl-train``, with the loss named by ``criterion.name``.
-
-    ``cfg`` is a config of :func:`load_config` (a plain nested mapping is merged onto
-    the defaults); ``is_cli_call`` resolves relative paths as the command does.
+    """Trains like ``lightly-ssl-train`` with the loss ``criterion.name``, from a config
+    of :func:`load_config` (or a nested mapping merged onto the defaults).
 
     Raises:
         ValueError: For config errors, before training (TypeError for a

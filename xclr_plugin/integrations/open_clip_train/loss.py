@@ -22,9 +22,8 @@ def _finite(value: Any) -> bool:
 class FiniteLossCheck:
     """Forward hook on the loss: stops training at the first non-finite loss.
 
-    open_clip alone logs such a loss, steps the optimizer with NaN gradients and saves
-    checkpoints full of NaN. This runs before ``backward``, so no weight is changed by
-    the bad step; the message names the inputs that were already non-finite.
+    open_clip alone would step with NaN gradients and save NaN checkpoints; this runs
+    before ``backward``, so no weight is changed by the bad step.
     """
 
     def __init__(self) -> None:
@@ -44,24 +43,17 @@ class FiniteLossCheck:
             else "all inputs were finite (try a larger --xclr-target-temperature or "
             "--precision fp32/amp_bf16)"
         )
-        shown = {
-            k: float(v.detach().float().item())
-            if isinstance(v, Tensor) and v.numel() == 1
-            else v
-            for k, v in values.items()
-        }
+        for k, v in values.items():
+            if isinstance(v, Tensor) and v.numel() == 1:
+                values[k] = float(v.detach().float().item())
         raise NonFiniteLossError(
-            f"non-finite loss {shown} at loss call {self.calls} ({cause}); training "
+            f"non-finite loss {values} at loss call {self.calls} ({cause}); training "
             "stopped before this update, no checkpoint of it was written."
         )
 
 
 class SampleCaptionTargets(nn.Module):
-    """Wraps an image-text loss: passes the rows of ``caption_embeddings`` as ``targets``.
-
-    open_clip calls it as ``loss(**model_out, output_dict=True)``; the rows are those
-    :data:`SAMPLE_INDEX_KEY` of ``model_out`` names (a caption cache or table).
-    """
+    """Calls an image-text loss with ``targets``: the caption rows the batch names."""
 
     def __init__(self, loss: nn.Module, caption_embeddings: Any) -> None:
         super().__init__()
@@ -69,14 +61,7 @@ class SampleCaptionTargets(nn.Module):
         self.caption_embeddings = caption_embeddings
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Calls the wrapped loss with ``targets`` looked up from the sample indices."""
-        indices = kwargs.pop(SAMPLE_INDEX_KEY, None)
-        if indices is None:
-            raise RuntimeError(
-                f"No {SAMPLE_INDEX_KEY!r} reached the loss: captions mode needs the "
-                "sample-index hooks of xclr-plugin on the model (run through "
-                f"{PROG} / patch_open_clip_train)."
-            )
+        indices = kwargs.pop(SAMPLE_INDEX_KEY)  # put there by the model's hooks
         targets = self.caption_embeddings[indices.long().cpu()]
         targets = torch.as_tensor(targets).to(device=indices.device)
         return self.loss(*args, targets=targets, **kwargs)
@@ -85,23 +70,16 @@ class SampleCaptionTargets(nn.Module):
 def build_loss(
     options: Options, args: argparse.Namespace, caption_embeddings: Any = None
 ) -> nn.Module:
-    """``--loss`` from the registry with open_clip's distributed settings, checked.
-
-    Only arguments the loss accepts are passed, so a registered ``clip`` gets exactly
-    what ``open_clip.create_loss`` would pass.
-    """
+    """``--loss`` with those of open_clip's settings it accepts (as ``create_loss``)."""
     assert options.loss is not None
-    candidates: dict[str, Any] = {
-        "local_loss": args.local_loss,
-        "gather_with_grad": args.gather_with_grad,
+    names = ("local_loss", "gather_with_grad", "rank", "world_size")
+    candidates = {n: getattr(args, n) for n in names} | {
         "cache_labels": True,
-        "rank": args.rank,
-        "world_size": args.world_size,
         "use_horovod": args.horovod,
         "dist_impl": args.loss_dist_impl,
     }
-    if options.xclr_target_mode is not None:
-        candidates["target_mode"] = options.xclr_target_mode
+    if mode := options.xclr_target_mode:
+        candidates["target_mode"] = mode
         if options.xclr_target_temperature is not None:
             candidates["target_temperature"] = options.xclr_target_temperature
     accepted = registry.parameter_names(registry.loss_info(options.loss).load())
@@ -113,10 +91,6 @@ def build_loss(
     if caption_embeddings is not None:
         loss = SampleCaptionTargets(loss, caption_embeddings)
     loss.register_forward_hook(FiniteLossCheck(), with_kwargs=True)
-    logging.info(f"{PROG}: --loss {options.loss} -> {loss!r}")
-    if mode := options.xclr_target_mode:
-        cache = options.xclr_caption_cache
-        source = f"cache {cache}" if cache else "start-up embedding"
-        source = "detached text features" if mode == "clip-text" else source
-        logging.info(f"{PROG}: X-CLR targets: {mode} ({source})")
+    cache = options.xclr_caption_cache
+    logging.info(f"{PROG}: --loss {options.loss} -> {loss!r}, targets {mode} {cache}")
     return loss

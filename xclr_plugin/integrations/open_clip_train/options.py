@@ -1,8 +1,7 @@
-"""The flags ``xclr-openclip-train`` adds to ``open_clip_train.main``: parsed, checked.
+"""The flags ``xclr-openclip-train`` adds to ``open_clip_train.main``, parsed and checked.
 
-:func:`check` refuses, with open_clip's ``args`` at hand, what open_clip would refuse
-only after creating its run folder ``logs/NAME`` (a re-run then says "Experiment
-already exists") or would loop on for ever (empty shards).
+:func:`check` refuses what open_clip would refuse only after creating ``logs/NAME`` (a
+re-run then says "Experiment already exists") or would loop on for ever (empty shards).
 """
 
 from __future__ import annotations
@@ -20,13 +19,13 @@ from xclr_plugin.errors import ArgumentParser, UsageError
 PROG = "xclr-openclip-train"
 
 
-def _flag(help: str, **kwargs: Any) -> Any:
-    return field(default=kwargs.pop("default", None), metadata={"help": help, **kwargs})
+def _flag(help: str, default: Any = None, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
 
 
 @dataclass(frozen=True)
 class Options:
-    """This command's flags, one field each (open_clip's stay in its ``args``)."""
+    """This command's flags (open_clip's stay in its ``args``)."""
 
     loss: str | None = _flag(
         "image-text loss from the xclr-plugin registry, e.g. clip, siglip, xclr-clip "
@@ -52,7 +51,7 @@ class Options:
     )
     xclr_text_device: str = _flag(
         "device of the sentence encoder when embedding at start-up (default: cpu)",
-        default="cpu",
+        "cpu",
     )
     xclr_caption_cache: str | None = _flag(
         "caption-embedding cache of the training data, built with 'xclr-embed-captions "
@@ -60,14 +59,6 @@ class Options:
         "(default: embed the captions at start-up)",
         metavar="DIR",
     )
-
-    def xclr_flags_given(self) -> list[str]:
-        """The X-CLR flags set on the command line (those differing from the default)."""
-        return [
-            "--" + f.name.replace("_", "-")
-            for f in fields(self)[1:]
-            if getattr(self, f.name) != f.default
-        ]
 
 
 def parser() -> ArgumentParser:
@@ -83,8 +74,7 @@ def parser() -> ArgumentParser:
     xclr = parser.add_argument_group("X-CLR targets (losses with caption targets)")
     for f in fields(Options):
         group = loss if f.name == "loss" else xclr
-        flag = "--" + f.name.replace("_", "-")
-        group.add_argument(flag, default=f.default, **f.metadata)
+        group.add_argument(_dashed(f.name), default=f.default, **f.metadata)
     return parser
 
 
@@ -94,12 +84,19 @@ def parse(argv: Sequence[str]) -> tuple[Options, list[str]]:
     return Options(**vars(namespace)), rest
 
 
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check(options: Options, args: argparse.Namespace) -> Options:
     """``options`` checked with open_clip's ``args``, ``xclr_target_mode`` resolved."""
-    name, given = options.loss, options.xclr_flags_given()
+    name, xclr = options.loss, fields(options)[1:]
+    given = ", ".join(
+        _dashed(f.name) for f in xclr if getattr(options, f.name) != f.default
+    )
     if name is None:
         if given:
-            raise UsageError(f"{', '.join(given)} need --loss (e.g. --loss xclr-clip).")
+            raise UsageError(f"{given} need --loss (e.g. --loss xclr-clip).")
         return options
     try:
         spec = registry.loss_info(name)
@@ -111,9 +108,7 @@ def check(options: Options, args: argparse.Namespace) -> Options:
             f"--loss {name!r} is a {spec.inputs} (lightly-style) loss; open_clip trains "
             f"image-text models and needs an image-text loss: {', '.join(fitting)}."
         )
-    if getattr(args, "distill_model", None) and getattr(
-        args, "distill_pretrained", None
-    ):
+    if args.distill_model and args.distill_pretrained:
         raise UsageError(
             "--loss cannot be combined with --distill-model/--distill-pretrained "
             "(distillation has its own loss in open_clip); drop one of them."
@@ -123,28 +118,52 @@ def check(options: Options, args: argparse.Namespace) -> Options:
             f"--loss does not support CoCa models (--model {args.model}), whose "
             "captioning loss open_clip builds itself; drop --loss."
         )
-    _check_open_clip_args(args)
+    kind = train_data_kind(args)
+    if kind is None:
+        raise UsageError(
+            f"--loss {name} trains a model: give --train-data (a CSV/TSV file or "
+            "webdataset shards), or --dataset-type synthetic."
+        )
+    minimums = [("accum_freq", 1), ("batch_size", 1), ("workers", 0)]
+    for flag, low in minimums + [("train_num_samples", 1)] * (kind == "webdataset"):
+        if (value := getattr(args, flag)) is not None and value < low:
+            raise UsageError(f"{_dashed(flag)} must be >= {low}, got {value}.")
+    log_file = "out-0" if args.log_local else "out.log"
+    run = os.path.join(args.logs, args.name) if args.name else None
+    if run and args.resume != "latest" and os.path.exists(os.path.join(run, log_file)):
+        # open_clip returns -1 on the first rank only; the other ranks would hang.
+        raise UsageError(
+            f"the experiment {run!r} already exists; give another --name (or "
+            "--resume latest to continue it)."
+        )
+    if args.lock_text and not args.lock_text_freeze_layer_norm and not _hf_text(args):
+        raise UsageError(
+            "--lock-text needs --lock-text-freeze-layer-norm with open_clip's own "
+            "text towers (open_clip does not support unfreezing their LayerNorm)."
+        )
+    if kind == "csv" and not os.path.isfile(args.train_data):
+        raise UsageError(f"--train-data {args.train_data!r} does not exist.")
+    if kind == "webdataset":
+        _check_shards(args)
     if spec.targets != "captions":
         if given:
             raise UsageError(
-                f"{', '.join(given)} only apply to losses with caption targets (such as "
+                f"{given} only apply to losses with caption targets (such as "
                 f"xclr-clip); --loss {name!r} takes none."
             )
         return options
-    if options.xclr_target_temperature is not None:
+    if (tau := options.xclr_target_temperature) is not None:
         from xclr_plugin.loss import validate_temperature
 
         try:
-            validate_temperature(
-                "--xclr-target-temperature", options.xclr_target_temperature
-            )
+            validate_temperature("--xclr-target-temperature", tau)
         except ValueError as err:
             raise UsageError(str(err)) from None
     mode = options.xclr_target_mode or "captions"
     for flag in ("xclr_text_encoder", "xclr_caption_cache"):
         if mode == "clip-text" and getattr(options, flag) is not None:
             raise UsageError(
-                f"--{flag.replace('_', '-')} is only used with --xclr-target-mode "
+                f"{_dashed(flag)} is only used with --xclr-target-mode "
                 "captions; clip-text targets come from the model's text features."
             )
     return dataclasses.replace(options, xclr_target_mode=mode)
@@ -169,8 +188,8 @@ def train_data_kind(args: argparse.Namespace) -> str | None:
         return "synthetic" if kind == "synthetic" else None
     ext = str(args.train_data).split(".")[-1]
     if kind == "auto":
-        kind = {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext, kind)
-    if kind not in ("csv", "webdataset"):
+        kind = {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext)
+    if kind is None:
         raise UsageError(
             f"--train-data {args.train_data!r}: open_clip cannot tell its type from the "
             f"extension {ext!r}; give --dataset-type csv or --dataset-type webdataset."
@@ -184,36 +203,6 @@ def is_local(url: str) -> bool:
     return url.startswith("file:") or ":" not in head or len(head) == 2  # C: drives
 
 
-def _check_open_clip_args(args: argparse.Namespace) -> None:
-    kind = train_data_kind(args)
-    if kind is None:
-        raise UsageError(
-            f"--loss {args.loss} trains a model: give --train-data (a CSV/TSV file or "
-            "webdataset shards), or --dataset-type synthetic."
-        )
-    for flag, low in (("accum_freq", 1), ("batch_size", 1), ("workers", 0)):
-        if getattr(args, flag) < low:
-            name = "--" + flag.replace("_", "-")
-            raise UsageError(f"{name} must be >= {low}, got {getattr(args, flag)}.")
-    log_file = "out-0" if args.log_local else "out.log"
-    run = os.path.join(args.logs, args.name) if args.name else None
-    if run and args.resume != "latest" and os.path.exists(os.path.join(run, log_file)):
-        # open_clip returns -1 on the first rank only; the other ranks would hang.
-        raise UsageError(
-            f"the experiment {run!r} already exists; give another --name (or "
-            "--resume latest to continue it)."
-        )
-    if args.lock_text and not args.lock_text_freeze_layer_norm and not _hf_text(args):
-        raise UsageError(
-            "--lock-text needs --lock-text-freeze-layer-norm with open_clip's own "
-            "text towers (open_clip does not support unfreezing their LayerNorm)."
-        )
-    if kind == "csv" and not os.path.isfile(args.train_data):
-        raise UsageError(f"--train-data {args.train_data!r} does not exist.")
-    if kind == "webdataset":
-        _check_shards(args)
-
-
 def _hf_text(args: argparse.Namespace) -> bool:
     """Whether ``--model`` has a Hugging Face text tower (unknown names: no)."""
     try:
@@ -225,6 +214,8 @@ def _hf_text(args: argparse.Namespace) -> bool:
 
 
 def _check_shards(args: argparse.Namespace) -> None:
+    from open_clip_train.data import get_dataset_size
+
     from xclr_plugin.captions.shards import expand_shard_urls
 
     try:
@@ -234,27 +225,18 @@ def _check_shards(args: argparse.Namespace) -> None:
     local = {u: u.removeprefix("file:") for u in shards if is_local(u)}
     missing = [u for u, path in local.items() if not os.path.isfile(path)]
     # open_clip skips unreadable shards; with nothing left to read it loops for ever.
-    empty = [
-        u for u, path in local.items() if not missing and not os.path.getsize(path)
-    ]
+    empty = [u for u, p in local.items() if not missing and not os.path.getsize(p)]
     for problem, bad in (("do not exist", missing), ("are empty files", empty)):
         if bad:
             raise UsageError(
                 f"--train-data: {len(bad)} of {len(shards)} shard(s) {problem}, the "
                 f"first is {bad[0]!r}."
             )
-    if args.train_num_samples is None:
-        from open_clip_train.data import get_dataset_size
-
-        if get_dataset_size(args.train_data)[0] is None:
-            raise UsageError(
-                "--dataset-type webdataset needs --train-num-samples (no sizes.json or "
-                "__len__ file next to the shards tells open_clip how many samples an "
-                "epoch has)."
-            )
-    elif args.train_num_samples < 1:
+    if args.train_num_samples is None and get_dataset_size(args.train_data)[0] is None:
         raise UsageError(
-            f"--train-num-samples must be >= 1, got {args.train_num_samples}."
+            "--dataset-type webdataset needs --train-num-samples (no sizes.json or "
+            "__len__ file next to the shards tells open_clip how many samples an "
+            "epoch has)."
         )
     if not args.dataset_resampled and len(shards) < args.workers * world_size():
         raise UsageError(

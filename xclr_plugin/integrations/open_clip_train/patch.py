@@ -13,16 +13,16 @@ from unittest import mock
 from xclr_plugin.errors import UsageError
 from xclr_plugin.integrations.open_clip_train.data import (
     attach_sample_index_hooks,
+    caption_embeddings,
     indexed_csv_dataset,
     keyed_get_wds_dataset,
 )
 from xclr_plugin.integrations.open_clip_train.loss import build_loss
 from xclr_plugin.integrations.open_clip_train.options import PROG, Options, check
-from xclr_plugin.integrations.open_clip_train.targets import caption_embeddings
 
 
 def require_open_clip_3() -> None:
-    """Refuses an open_clip other than 3.x, or one without the globals patched here."""
+    """Refuses an open_clip other than 3.x or one lacking the globals patched here."""
     try:
         import open_clip
         import open_clip_train.data as ocd
@@ -33,29 +33,29 @@ def require_open_clip_3() -> None:
             'it: pip install "xclr-plugin[openclip]"'
         ) from err
     version = str(getattr(open_clip, "__version__", "unknown"))
-    if version.split(".")[0] != "3":
+    patched = {
+        ocm: ("main", "parse_args", "create_loss", "create_model_and_transforms"),
+        ocd: ("CsvDataset", "get_wds_dataset"),
+    }
+    missing = [
+        f"{m.__name__}.{n}"
+        for m, ns in patched.items()
+        for n in ns
+        if not hasattr(m, n)
+    ]
+    if version.split(".")[0] != "3" or missing:
         raise UsageError(
             f"{PROG} supports open_clip_torch 3.x (the open_clip_train.main API it "
-            f"patches), found {version}. Install a supported version: pip install "
-            '"open_clip_torch[training]>=3.3,<4".'
-        )
-    patched = ["main", "parse_args", "create_loss", "create_model_and_transforms"]
-    missing = [f"{ocm.__name__}.{n}" for n in patched if not hasattr(ocm, n)]
-    missing += [f"{ocd.__name__}.CsvDataset"] if not hasattr(ocd, "CsvDataset") else []
-    if missing:
-        raise UsageError(
-            f"open_clip_torch {version} lacks {', '.join(missing)}, which {PROG} patches; "
-            "install open_clip_torch[training]>=3.3,<4."
+            f"patches), found {version}{' lacking ' * bool(missing)}{', '.join(missing)}. "
+            'Install a supported version: pip install "open_clip_torch[training]>=3.3,<4".'
         )
 
 
 @contextlib.contextmanager
 def preserve_logging() -> Iterator[None]:
-    """Undoes what ``open_clip_train``'s ``setup_logging`` does to global logging.
+    """Undoes ``setup_logging``'s root handlers (``out.log``) and logger levels.
 
-    It adds root handlers (one writing to the run's ``out.log``) and sets every
-    logger's level; without this, runs in one process (tests, notebooks) log into
-    each other's files and leave torch's loggers verbose.
+    Without this, runs in one process (tests, notebooks) log into each other's files.
     """
     handlers = list(logging.root.handlers)
     names = ["", *logging.root.manager.loggerDict]
@@ -74,9 +74,9 @@ def preserve_logging() -> Iterator[None]:
 def patch_open_clip_train(options: Options) -> Iterator[None]:
     """Patches ``open_clip_train`` for ``options`` while the block runs.
 
-    ``parse_args`` stores the options on ``args`` (so they show in ``params.txt``) and
-    checks them; with ``--loss`` it patches ``create_loss`` and, in captions mode, what
-    carries the rows: ``create_model_and_transforms``, ``CsvDataset``, ``get_wds_dataset``.
+    ``parse_args`` stores the options on ``args`` (so ``params.txt`` shows them) and
+    checks them; ``--loss`` patches ``create_loss`` and, in captions mode, what carries
+    the rows: ``create_model_and_transforms``, ``CsvDataset``, ``get_wds_dataset``.
     """
     require_open_clip_3()
     import open_clip_train.data as ocd
@@ -91,13 +91,13 @@ def patch_open_clip_train(options: Options) -> Iterator[None]:
             args: argparse.Namespace = original_parse_args(argv)
             vars(args).update(dataclasses.asdict(options))
             checked = check(options, args)
-            args.xclr_target_mode = checked.xclr_target_mode
+            args.xclr_target_mode = mode = checked.xclr_target_mode
             if checked.loss is None:
                 return args
-            if checked.loss == "siglip":
-                args.siglip = True  # open_clip's SigLIP model init (logit scale, bias)
+            # open_clip's SigLIP model init (logit scale and bias)
+            args.siglip = args.siglip or checked.loss == "siglip"
             embeddings = None
-            if checked.xclr_target_mode == "captions":
+            if mode == "captions":
                 embeddings = caption_embeddings(checked, args)
                 patch(ocm, "create_model_and_transforms", _with_hooks(ocm))
                 patch(ocd, "CsvDataset", indexed_csv_dataset(ocd.CsvDataset))
@@ -112,7 +112,7 @@ def patch_open_clip_train(options: Options) -> Iterator[None]:
 
 
 def _with_hooks(ocm: Any) -> Any:
-    """``create_model_and_transforms`` that puts the sample-index hooks on the model."""
+    """``create_model_and_transforms`` putting the sample-index hooks on the model."""
     original = ocm.create_model_and_transforms
 
     def create_model_and_transforms(*args: Any, **kwargs: Any) -> Any:
