@@ -671,22 +671,26 @@ def test_check_images_false_skips_the_image_check(
 
 def test_batches_across_processes(flat_folder: Path) -> None:
     """The batch checks count the images each DDP process gets."""
-    loader = parse_config(
+    config = parse_config(
         load_config([f"input_dir={flat_folder}", "loader.batch_size=1"])
-    ).loader
-    check = training.check_batches
+    )
+
+    def check(criterion: CriterionConfig, count: int, world: int) -> None:
+        config.criterion = criterion
+        training.check_batches(config, count, world)
+
     gather = CriterionConfig(gather_distributed=True)
-    check(loader, gather, 16, 2)  # 1 per process, 2 gathered: legal
+    check(gather, 16, 2)  # 1 per process, 2 gathered: legal
     with pytest.raises(ValueError, match=r"loader\.batch_size=1"):
-        check(loader, CriterionConfig(), 16, 2)  # not gathered: each contrasts 1 image
+        check(CriterionConfig(), 16, 2)  # not gathered: each contrasts 1 image
     bank = CriterionConfig(memory_bank_size=[64, 16])
-    check(loader, bank, 16, 1)  # the bank holds negatives
-    loader = parse_config(
+    check(bank, 16, 1)  # the bank holds negatives
+    config.loader = parse_config(
         load_config([f"input_dir={flat_folder}", "loader.batch_size=12"])
     ).loader
     with pytest.raises(ValueError, match=r"each of the 2 processes gets \(16 images"):
-        check(loader, gather, 16, 2)  # 8 per process: drop_last leaves no batch
-    check(loader, gather, 16, 1)
+        check(gather, 16, 2)  # 8 per process: drop_last leaves no batch
+    check(gather, 16, 1)
 
 
 def test_no_checkpoint_is_said_not_an_empty_path(

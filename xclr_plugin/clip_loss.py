@@ -125,30 +125,21 @@ class XCLRClipLoss(ClipLoss):
             with torch.autocast(device_type=device_type, enabled=False):
                 loss = self._chunked_loss(features, targets, mm_dtype)
             return {"contrastive_loss": loss} if output_dict else loss
-        logits_per_image, logits_per_text = self.logits_from_features(*features)
-        descriptions = self.row_and_column_descriptions(
-            text_features, everyone[1], targets
-        )
-        similarity = None
-        if descriptions is not None:
-            with (
-                torch.no_grad()
-            ):  # the similarity is a product too: it follows autocast
-                similarity = similarity_from_targets(*descriptions)
+        per_image, per_text = self.logits_from_features(*features)
+        desc = self.row_and_column_descriptions(text_features, everyone[1], targets)
+        with torch.no_grad():  # the similarity is a product too: it follows autocast
+            similarity = None if desc is None else similarity_from_targets(*desc)
         with torch.autocast(device_type=device_type, enabled=False):
             if mm_dtype is not None:
-                logits_per_image = logits_per_image.float()
-                logits_per_text = logits_per_text.float()
+                per_image, per_text = per_image.float(), per_text.float()
             target_probs = None
-            if similarity is not None:
-                # softmax(S / tau_s) in place: S is a fresh no-grad buffer.
-                scaled = similarity.to(logits_per_image.dtype)
-                target_probs = torch.softmax(
-                    scaled.mul_(1 / self.target_temperature), 1
-                )
-            loss = self.loss_from_logits(
-                logits_per_image, logits_per_text, target_probs
-            )
+            if (
+                similarity is not None
+            ):  # softmax(S / tau_s) in place: S is a fresh buffer
+                inv_tau_s = 1.0 / self.target_temperature
+                scaled = similarity.to(per_image.dtype).mul_(inv_tau_s)
+                target_probs = torch.softmax(scaled, dim=1)
+            loss = self.loss_from_logits(per_image, per_text, target_probs)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def gather(
@@ -207,26 +198,24 @@ class XCLRClipLoss(ClipLoss):
     ) -> Tensor:
         """The dense path's loss, ``chunk_size`` rows at a time (products in ``mm_dtype``)."""
         *four, logit_scale, logit_bias = features
-        image_features, text_features, all_image_features, all_text_features = (
+        image_features, text_features, all_image, all_text = (
             f if mm_dtype is None else f.float() for f in four
         )
         assert self.chunk_size is not None
         if self.world_size > 1 and not self.local_loss:
-            image_rows, text_rows, offset = all_image_features, all_text_features, 0
+            image_rows, text_rows, offset = all_image, all_text, 0
         else:
             image_rows, text_rows = image_features, text_features
             offset = self.rank * image_features.shape[0] if self.world_size > 1 else 0
         row_desc = col_desc = None
-        descriptions = self.row_and_column_descriptions(
-            text_features, all_text_features, targets
-        )
-        if descriptions is not None:
-            row_desc, col_desc = _descriptions(*descriptions, image_features.dtype)
+        desc = self.row_and_column_descriptions(text_features, all_text, targets)
+        if desc is not None:
+            row_desc, col_desc = _descriptions(*desc, image_features.dtype)
         return xclr_clip_loss_chunked(
             image_rows,
             text_rows,
-            all_image_features,
-            all_text_features,
+            all_image,
+            all_text,
             logit_scale,
             logit_bias,
             row_desc,

@@ -62,7 +62,6 @@ class LossSpec:
 
     @property
     def module(self) -> str:
-        """The module that provides the loss."""
         return self.value.partition(":")[0].strip()
 
     def load(self) -> Callable[..., nn.Module]:
@@ -144,8 +143,8 @@ def loss_info(name: str) -> LossSpec:
     if value in _KNOWN_KINDS:
         return LossSpec(name, value, distribution, *_KNOWN_KINDS[value])
     obj = LossSpec(name, value, distribution, "two-view", "none").load()
-    inputs = getattr(obj, "loss_inputs", "two-view")
-    targets = getattr(obj, "loss_targets", "none")
+    inputs: InputKind = getattr(obj, "loss_inputs", "two-view")
+    targets: TargetKind = getattr(obj, "loss_targets", "none")
     if inputs not in get_args(InputKind) or targets not in get_args(TargetKind):
         raise ValueError(
             f"Loss '{name}' ('{value}') declares loss_inputs={inputs!r} and "
@@ -197,9 +196,8 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     """
     spec = loss_info(name)
     factory = spec.load()
-    signature = _signature(factory)
     try:
-        if signature is not None:
+        if (signature := _signature(factory)) is not None:
             signature.bind(**kwargs)
     except TypeError as err:
         names = parameter_names(factory)
@@ -220,9 +218,8 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
 def build_criterion(config: Mapping[str, Any]) -> nn.Module:
     """Builds a loss from a mapping: ``name`` plus the loss's keyword arguments.
 
-    ``config`` may be a ``dict`` or an OmegaConf ``DictConfig`` (e.g. the ``criterion``
-    node of ``xclr-train``). Keys whose value is ``None`` are left out, so the loss
-    uses its own default for them.
+    ``config`` may be a ``dict`` or an OmegaConf ``DictConfig`` (``xclr-train``'s
+    ``criterion``). Keys whose value is ``None`` are left out: the loss's default.
 
     Raises:
         ValueError: If ``config`` has no ``name`` or the name is not registered.

@@ -1,8 +1,4 @@
-"""Caption-embedding caches: memory-mapped store, locked resumable build, one lookup.
-
-:func:`caption_lookup` (:mod:`~xclr_plugin.cache.lookup`) is what trainers and the
-demo call; :func:`build_caption_cache` and :class:`CaptionCache` are the parts.
-"""
+"""Caption-embedding caches: memory-mapped store, locked resumable build, one lookup."""
 
 from xclr_plugin.cache.build import DEFAULT_CHUNK_SIZE, build_caption_cache
 from xclr_plugin.cache.lookup import caption_lookup

@@ -1,12 +1,4 @@
-"""Building a caption cache: embed once, resume after an interruption, one builder at a time.
-
-While a cache is built its folder holds ``embeddings.npy.partial`` (the full-size
-array, filled chunk by chunk) and ``progress.json`` (rows done, and who builds). Each
-chunk is flushed before it is recorded as done (atomically), so an interrupted run
-resumes at the first unrecorded row; every row is checked to have been written before
-``manifest.json`` appears, last. Builders hold the folder's lock (:mod:`filelock`):
-a second one waits for the first, then finds its cache.
-"""
+"""Building a caption cache: chunked, resumable (``progress.json``), one builder at a time (:mod:`filelock`), manifest published last."""
 
 from __future__ import annotations
 
@@ -42,14 +34,14 @@ from xclr_plugin.cache.store import (
     differences,
     file_sha256,
     fingerprint,
+    folder_argument,
     open_array,
+    positive_int,
     raise_on_difference,
     read_json,
 )
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 from xclr_plugin.text import SupportsEncode
-
-__all__ = ["DEFAULT_CHUNK_SIZE", "build_caption_cache"]
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -62,12 +54,7 @@ class _LockUnavailable(Exception):
 
 @contextlib.contextmanager
 def _build_lock(out: Path, timeout: float | None) -> Iterator[None]:
-    """Holds ``out``'s build lock; a second builder waits, saying once for whom.
-
-    filelock's ``flock`` is released by the kernel when the holder dies, so a crashed
-    builder never leaves the folder locked; the lock file stays (deleting it while
-    others wait on it would let two builders in).
-    """
+    """Holds ``out``'s build lock (``flock``: freed if the holder dies); a second builder waits."""
     lock, start = filelock.FileLock(out / LOCK_FILE), time.monotonic()
     try:
         try:
@@ -100,14 +87,12 @@ def _build_lock(out: Path, timeout: float | None) -> Iterator[None]:
 
 
 def _remove(*paths: Path) -> None:
-    """Deletes the files that exist."""
     for path in paths:
         with contextlib.suppress(OSError):
             path.unlink()
 
 
 def _open_built(out: Path, content: dict[str, Any], verify: bool) -> CaptionCache:
-    """Opens a cache and checks that it holds exactly ``content``."""
     cache = CaptionCache.open(out, verify_checksum=verify, check_finite=verify)
     raise_on_difference(out, cache.manifest, content)
     return cache
@@ -145,11 +130,7 @@ def _resume_point(out: Path, content: dict[str, Any]) -> int:
 
 
 def _reserve_disk_space(path: Path) -> None:
-    """Allocates a new (sparse) data file's blocks now.
-
-    A memory-mapped write into a sparse file on a full disk kills the process with
-    SIGBUS, far into the build; allocating first makes it an ``OSError`` up front.
-    """
+    """Allocates the data file now: a memory-mapped write to a full disk is SIGBUS, late."""
     allocate = getattr(os, "posix_fallocate", None)
     if allocate is None:  # pragma: no cover - macOS, Windows
         return
@@ -201,17 +182,13 @@ def _embed_chunk(
 def _check_arguments(
     records: Any, encoder: Any, dtype: Any, chunk_size: Any, lock_timeout: Any
 ) -> tuple[list[CaptionRecord], str]:
-    """The checked records and dtype name, or the error naming the bad argument."""
     try:
         name = np.dtype(dtype).name if dtype is not None else None
     except TypeError:
         name = None
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be an int, got {chunk_size!r}.")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    positive_int("chunk_size", chunk_size)
     if lock_timeout is not None and not lock_timeout >= 0:
         raise ValueError(f"lock_timeout must be None or >= 0, got {lock_timeout!r}.")
     dim = getattr(encoder, "dim", None)
@@ -242,29 +219,9 @@ def build_caption_cache(
     verify: bool = False,
     lock_timeout: float | None = None,
 ) -> CaptionCache:
-    """Embeds the records' captions into a cache folder, resuming an interrupted run.
-
-    A valid cache of the same records, encoder and dtype is returned as it is (with
-    ``verify``, after hashing its data and reading every row); of an unfinished build,
-    only the rows not yet recorded as done are embedded, ``chunk_size`` rows per step
-    (``on_chunk(rows_done, count)`` after each); a damaged one is rebuilt; a different
-    one is replaced only with ``overwrite``. A second builder waits for the first (at
-    most ``lock_timeout`` seconds), then finds its cache. A folder this process cannot
-    lock (read-only) is used if it holds this very cache.
-
-    Raises:
-        TypeError: If ``records`` or ``encoder`` are not what they should be.
-        ValueError: On bad arguments or records, unusable encoder output, ``out_dir``
-            being a file, or a different cache in ``out_dir`` without ``overwrite``.
-        TimeoutError: If another builder holds ``out_dir`` past ``lock_timeout``.
-    """
+    """Embeds the records' captions into ``out_dir``, reusing a finished cache, resuming an unfinished one, replacing a different one only with ``overwrite``."""
     records, dtype = _check_arguments(records, encoder, dtype, chunk_size, lock_timeout)
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"out_dir must be a folder path (str or os.PathLike), got "
-            f"{type(out_dir).__name__}."
-        )
-    out = Path(out_dir)
+    out = folder_argument("out_dir", out_dir, "a folder path")
     if out.exists() and not out.is_dir():
         raise ValueError(f"The caption cache folder {out} is a file, not a folder.")
     out.mkdir(parents=True, exist_ok=True)
@@ -298,8 +255,7 @@ def build_caption_cache(
 def _finished(
     out: Path, content: dict[str, Any], overwrite: bool, verify: bool
 ) -> CaptionCache | None:
-    """The folder's finished cache of ``content``; else clears a damaged or (with
-    ``overwrite``) different one away and returns None."""
+    """The folder's finished cache of ``content``, else None after clearing a damaged or (``overwrite``) different one."""
     if not (out / MANIFEST_FILE).exists():
         return None
     try:

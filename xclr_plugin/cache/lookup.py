@@ -46,14 +46,11 @@ from xclr_plugin.cache.table import CaptionTable
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 from xclr_plugin.text import SupportsEncode
 
-__all__ = ["EncoderSource", "caption_lookup"]
-
 #: An encoder, a zero-argument function that loads one, or None for the default.
 EncoderSource = SupportsEncode | Callable[[], SupportsEncode] | None
 
 
 def _load(encoder: EncoderSource, progress: bool) -> SupportsEncode:
-    """The encoder itself, the factory's result, or the packaged default model."""
     if encoder is None:
         from xclr_plugin import text  # looked up now, so tests can stand in for it
 
@@ -80,15 +77,7 @@ def caption_lookup(
     distinct: bool = False,
     progress: bool = True,
 ) -> CaptionTable | CaptionCache:
-    """The caption embeddings of ``records``: a checked cache, or embedded now.
-
-    See the module docstring for what each argument does.
-
-    Raises:
-        FileNotFoundError: ``build=False`` and no finished cache in ``cache_dir``.
-        ValueError: Bad records, a damaged or non-finite cache, or
-            :class:`CacheMismatchError` (another dataset's or encoder's cache).
-    """
+    """The caption embeddings of ``records``: a checked cache, or embedded now (module docstring)."""
     if records is not None:
         records = validate_records(records, unique=cache_dir is not None)
     if cache_dir is None:

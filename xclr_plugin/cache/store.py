@@ -1,18 +1,4 @@
-"""Caption embeddings to look up: in memory (:class:`CaptionTable`) or on disk.
-
-A cache (:class:`CaptionCache`) is a folder::
-
-    manifest.json     encoder, dim, dtype, count, sha256 of captions, keys and data
-    keys.json         the file names (keys), one per row, in dataset order
-    embeddings.npy    (count, dim) array, float16 by default, read with np.memmap
-    build.lock        the builders' lock (:mod:`xclr_plugin.cache.build`)
-
-Opening one checks every file a lookup reads later (and, if asked, the records and
-encoder it is meant for, the data checksum and every row) and raises ``ValueError``
-(``FileNotFoundError`` for a missing file) naming the path and what differs, instead
-of ever returning wrong vectors. The array is mapped lazily and never pickled: each
-DataLoader worker maps it on its own.
-"""
+"""Caption embeddings on disk (:class:`CaptionCache`): ``manifest.json``, ``keys.json``, ``embeddings.npy`` (memory-mapped), ``build.lock``; every check names the path."""
 
 from __future__ import annotations
 
@@ -32,8 +18,6 @@ from xclr_plugin.cache.table import Rows
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 from xclr_plugin.text import SupportsEncode
 
-__all__ = ["CacheMismatchError", "CaptionCache", "strings_sha256"]
-
 CACHE_FORMAT, CACHE_VERSION = "xclr-caption-cache", 1
 MANIFEST_FILE, KEYS_FILE, DATA_FILE = "manifest.json", "keys.json", "embeddings.npy"
 PARTIAL_FILE, PROGRESS_FILE, LOCK_FILE = (
@@ -47,8 +31,7 @@ _FIELDS.update(dict.fromkeys(("captions_sha256", "keys_sha256", "data_sha256"), 
 
 
 class CacheMismatchError(ValueError):
-    """A valid cache of other records or another encoder; ``missing`` lists the keys
-    without a row when records were checked key by key."""
+    """A valid cache of other records or another encoder; ``missing``: keys without a row."""
 
     def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -62,6 +45,22 @@ def strings_sha256(strings: Iterable[str]) -> str:
         data = text.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
+
+
+def folder_argument(name: str, value: Any, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{name} must be {what} (str or os.PathLike), got {type(value).__name__}."
+        )
+    return Path(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}.")
+    return int(value)
 
 
 def file_sha256(path: Path) -> str:
@@ -85,7 +84,7 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def open_array(path: Path, mode: str, count: int, dim: int, dtype: str) -> np.memmap:
-    """Memory-maps a ``.npy`` file, checking shape, dtype and exact size (naming it)."""
+    """Memory-maps a ``.npy`` file, checking shape, dtype and exact size."""
     if not path.exists():
         raise FileNotFoundError(f"Caption cache data file is missing: {path}")
     if not path.is_file():
@@ -143,20 +142,14 @@ def build_in_progress(folder: Path) -> str | None:
 
 
 def _identity(path: Path) -> tuple[int, ...]:
-    """What changes when a file is replaced or rewritten."""
     info = path.stat()
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 class CaptionCache(Rows):
-    """A built caption cache (``path``, its ``manifest``), memory-mapped lazily.
-
-    Use :meth:`open` or :func:`~xclr_plugin.cache.build_caption_cache`. Rows come
-    back as float32, re-normalised: the encoder output up to the storage precision.
-    """
+    """A built caption cache; rows come back float32, re-normalised."""
 
     def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
-        """Wraps a validated cache; use :meth:`open` instead."""
         self.path, self.manifest = Path(path), manifest
         self.encoder: str = manifest["encoder"]
         self.dim: int = manifest["dim"]  # type: ignore[misc]
@@ -180,22 +173,8 @@ class CaptionCache(Rows):
         verify_checksum: bool = False,
         check_finite: bool = False,
     ) -> CaptionCache:
-        """Opens a cache, checking the manifest, data and keys files.
-
-        Optionally also the encoder and records it must come from (:meth:`check`),
-        the data file's sha256, and every row (:meth:`check_finite`; trainers ask:
-        one NaN row makes every loss of its batches NaN).
-
-        Raises:
-            FileNotFoundError: If the folder, manifest or data file is missing.
-            ValueError: If anything does not match, naming the path and the difference.
-        """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(
-                f"path must be a cache folder (str or os.PathLike), got "
-                f"{type(path).__name__}."
-            )
-        path = Path(path)
+        """Opens a cache, checking manifest, data and keys (optionally encoder/records, sha256, every row)."""
+        path = folder_argument("path", path, "a cache folder")
         if not (path / MANIFEST_FILE).is_file():
             if path.exists() and not path.is_dir():
                 raise FileNotFoundError(
@@ -230,16 +209,8 @@ class CaptionCache(Rows):
         return cache
 
     def check_finite(self, chunk_rows: int = 1 << 16) -> None:
-        """Reads every row, ``chunk_rows`` at a time (once: a checked cache returns).
-
-        Raises:
-            ValueError: Naming the folder, how many rows hold NaN or infinite values
-                (or are all zeros: never written), and the first one's key.
-        """
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
-            raise TypeError(f"chunk_rows must be an int, got {chunk_rows!r}.")
-        if chunk_rows <= 0:
-            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}.")
+        """Reads every row once, refusing NaN/infinite or all-zero rows (naming the first key)."""
+        positive_int("chunk_rows", chunk_rows)
         if self.rows_checked:
             return
         non_finite, zero = bad_rows(self.array, chunk_rows)
@@ -261,11 +232,7 @@ class CaptionCache(Rows):
         encoder: SupportsEncode | str | None = None,
         records: Sequence[CaptionRecord] | None = None,
     ) -> None:
-        """Checks that ``encoder`` built this cache from ``records`` (None: unchecked).
-
-        Raises:
-            CacheMismatchError: Naming the cache path and each field that differs.
-        """
+        """Checks that ``encoder`` built this cache from ``records`` (None: unchecked)."""
         expected: dict[str, Any] = {}
         if isinstance(encoder, str):
             expected["encoder"] = encoder
@@ -281,18 +248,15 @@ class CaptionCache(Rows):
         raise_on_difference(self.path, self.manifest, expected)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickles without the memmap and the key index (rebuilt lazily)."""
         return {**self.__dict__, "_array": None, "_index": None}
 
     def __repr__(self) -> str:
-        """Returns a short description."""
         return (
             f"{type(self).__name__}(path={str(self.path)!r}, encoder={self.encoder!r}, "
             f"count={self.count}, dim={self.dim}, dtype={self.dtype!r})"
         )
 
     def __len__(self) -> int:
-        """Number of rows."""
         return self.count
 
     @property
@@ -340,7 +304,6 @@ class CaptionCache(Rows):
 
 
 def fingerprint(records: Sequence[CaptionRecord]) -> dict[str, Any]:
-    """What a cache's manifest records about its records."""
     return {
         "count": len(records),
         "captions_sha256": strings_sha256(r.caption for r in records),
@@ -349,7 +312,6 @@ def fingerprint(records: Sequence[CaptionRecord]) -> dict[str, Any]:
 
 
 def _check_manifest(manifest: Any, path: Path) -> None:
-    """Checks a manifest's structure, naming its path and the problem."""
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path} is not an xclr-plugin caption cache manifest.")
     if manifest.get("version") != CACHE_VERSION:
@@ -371,7 +333,6 @@ def _check_manifest(manifest: Any, path: Path) -> None:
 
 
 def differences(actual: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """``field: cache has X, expected Y`` for each differing field."""
     return [
         f"{key}: cache has {actual.get(key)!r}, expected {value!r}"
         for key, value in expected.items()
@@ -382,7 +343,6 @@ def differences(actual: dict[str, Any], expected: dict[str, Any]) -> list[str]:
 def raise_on_difference(
     path: Path, actual: dict[str, Any], expected: dict[str, Any]
 ) -> None:
-    """Raises :class:`CacheMismatchError` listing the differences, if any."""
     if diffs := differences(actual, expected):
         raise CacheMismatchError(
             f"The caption cache at {path} does not match: " + "; ".join(diffs) + "."

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from xclr_plugin.captions.records import CaptionRecord
 from xclr_plugin.text import SupportsEncode
 
-__all__ = ["CaptionLookup", "CaptionTable", "Rows"]
-
 Index: TypeAlias = int | slice | Sequence[int] | np.ndarray | torch.Tensor
 
 
@@ -22,17 +20,12 @@ class CaptionLookup(Protocol):
     """File names to caption embeddings, as :class:`xclr_plugin.data.XCLRCollate` uses."""
 
     @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        ...
+    def dim(self) -> int: ...
 
-    def lookup(self, filenames: Sequence[str]) -> torch.Tensor:
-        """The ``(len(filenames), dim)`` float32 embeddings of the files."""
-        ...
+    def lookup(self, filenames: Sequence[str]) -> torch.Tensor: ...
 
 
 def _to_rows(index: Index, count: int) -> np.ndarray | slice | int:
-    """A bounds-checked index for row lookup."""
     if isinstance(index, slice):
         return index
     if isinstance(index, (bool, np.bool_)):
@@ -60,22 +53,18 @@ class Rows:
 
     @property
     def filenames(self) -> list[str]:
-        """The file name of each row."""
         raise NotImplementedError
 
     def _rows(self, rows: np.ndarray | slice | int) -> torch.Tensor:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        """Number of rows."""
         return len(self.filenames)
 
     def __getitem__(self, index: Index) -> torch.Tensor:
-        """Rows by index (an int gives ``(dim,)``), float32, L2-normalised."""
         return self._rows(_to_rows(index, len(self)))
 
     def __contains__(self, filename: object) -> bool:
-        """Whether ``filename`` has (exactly one) row."""
         if self._index is None:
             self._index = {}
             for i, name in enumerate(self.filenames):
@@ -84,11 +73,7 @@ class Rows:
         return isinstance(filename, str) and self._index.get(filename, -1) >= 0
 
     def index_of(self, filename: str) -> int:
-        """Row of a file name (the index is built on first use in each process).
-
-        Raises:
-            ValueError: If the file has no caption embedding (or several).
-        """
+        """Row of a file name; ValueError if it has none (or several)."""
         if filename not in self:
             path = getattr(self, "path", None)
             where = "" if path is None else f" in the cache {path}"
@@ -100,7 +85,6 @@ class Rows:
         return self._index[filename]  # type: ignore[index]
 
     def lookup(self, filenames: Sequence[str]) -> torch.Tensor:
-        """Rows by file name, ``(len(filenames), dim)`` float32 (not a single string)."""
         if isinstance(filenames, (str, bytes)):
             raise TypeError(
                 f"filenames must be a sequence of file names, got the string "
@@ -110,11 +94,9 @@ class Rows:
 
 
 class CaptionTable(Rows):
-    """In-memory caption embeddings (``embeddings``, one row per ``filenames`` entry),
-    for datasets small enough to embed at start-up; picklable."""
+    """In-memory caption embeddings, one row per ``filenames`` entry; picklable."""
 
     def __init__(self, embeddings: torch.Tensor, filenames: Sequence[str]) -> None:
-        """Wraps ``(N, dim)`` embeddings, refusing a non-finite row (naming it)."""
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(
                 f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}."
@@ -134,12 +116,16 @@ class CaptionTable(Rows):
                 f"embeddings hold {bad.numel()} row(s) with NaN or infinite values, "
                 f"the first at row {int(bad[0])} (key {filenames[int(bad[0])]!r})."
             )
-        self.embeddings = F.normalize(embeddings.detach().float().cpu(), dim=-1)
+        rows = embeddings.detach().float().cpu()
+        # Rows the encoder already normalised stay bit for bit: renormalising moves
+        # them by an ulp, which training amplifies (the demo's scores would change).
+        norms = rows.norm(dim=1, keepdim=True)
+        unit = (norms - 1).abs() <= 1e-6
+        self.embeddings = torch.where(unit, rows, F.normalize(rows, dim=-1))
         self._names = list(filenames)
 
     @property
     def filenames(self) -> list[str]:
-        """The file name of each row."""
         return self._names
 
     @classmethod
@@ -150,8 +136,7 @@ class CaptionTable(Rows):
         *,
         distinct: bool = False,
     ) -> CaptionTable:
-        """Embeds the records' captions now (with ``distinct``, each distinct caption
-        once, sorted: class captions repeat)."""
+        """Embeds the records' captions now (``distinct``: each distinct caption once)."""
         captions = [r.caption for r in records]
         if not distinct:
             return cls(encoder.encode(captions), [r.filename for r in records])
@@ -162,7 +147,6 @@ class CaptionTable(Rows):
 
     @property
     def dim(self) -> int:
-        """Embedding dimension."""
         return int(self.embeddings.shape[1])
 
     def _rows(self, rows: np.ndarray | slice | int) -> torch.Tensor:

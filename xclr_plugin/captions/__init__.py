@@ -1,11 +1,4 @@
-"""Caption sources: where the description of each image comes from.
-
-Every reader returns a list of :class:`CaptionRecord` ``(filename, caption, label)``
-and names the file and line of the first problem: open_clip-style CSV/TSV
-(:func:`read_csv_captions`), JSONL, an image folder with a sidecar CSV, a class folder
-(:mod:`~xclr_plugin.captions.readers`) and webdataset shards
-(:mod:`~xclr_plugin.captions.shards`, which needs webdataset and is imported lazily).
-"""
+"""Caption sources (CSV/TSV, JSONL, folders, webdataset shards) read into CaptionRecord lists."""
 
 from xclr_plugin.captions.csv_file import read_csv_captions
 from xclr_plugin.captions.readers import (

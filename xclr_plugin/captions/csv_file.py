@@ -10,8 +10,6 @@ from typing import Any
 
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 
-__all__ = ["open_text", "parse_label", "read_csv_captions"]
-
 
 def open_text(path: str | os.PathLike[str]) -> Any:
     """Opens a captions file (UTF-8, a byte-order mark dropped), naming it on failure."""
@@ -38,12 +36,7 @@ def parse_label(value: Any, where: str, key: str) -> int:
 
 
 def _row_locations(path: str | os.PathLike[str], sep: str, count: int) -> list[str]:
-    """``"path, line N"`` of each data row (``"path, data row N"`` if it cannot be told).
-
-    pandas reports no line numbers, so (only when an error message needs them) the
-    file is read again by the :mod:`csv` module, skipping blank lines as pandas does;
-    if the two disagree on the rows (a regex separator, odd quoting), rows are numbered.
-    """
+    """``"path, line N"`` of each data row, read again by :mod:`csv` (pandas has no line numbers); ``"data row N"`` if the two disagree."""
     where = os.fspath(path)
     starts: list[int] = []
     if len(sep) == 1:
@@ -63,9 +56,7 @@ def _row_locations(path: str | os.PathLike[str], sep: str, count: int) -> list[s
 
 
 def _read_frame(path: str | os.PathLike[str], sep: str) -> Any:
-    """``pd.read_csv(path, sep=sep)``, open_clip's ``CsvDataset`` call: the same rows,
-    cells and refusals (naming the python engine pandas falls back to for a longer
-    separator)."""
+    """``pd.read_csv(path, sep=sep)``, open_clip's ``CsvDataset`` call, refusals named."""
     import pandas as pd
 
     where = os.fspath(path)
@@ -95,14 +86,12 @@ def _read_frame(path: str | os.PathLike[str], sep: str) -> Any:
 
 
 def _cell(value: Any) -> str | None:
-    """A cell as open_clip uses it (``str(value)``); None for what pandas reads as
-    missing (empty, ``NA``, ``null``, ...), where open_clip would train on ``"nan"``."""
+    """``str(value)`` as open_clip uses it; None for a cell pandas reads as missing."""
     return None if isinstance(value, float) and value != value else str(value)
 
 
 def _swallows_rows(text: str, sep: str) -> bool:
-    """Whether a multi-line field holds whole lines with a separator: what an
-    unbalanced quote does, merging the rows up to the next quote into one caption."""
+    """Whether a multi-line field holds lines with a separator (an unbalanced quote)."""
     pattern = re.compile(re.escape(sep) if len(sep) == 1 else sep)
     return any(pattern.search(line) for line in text.splitlines()[1:])
 
@@ -116,22 +105,7 @@ def read_csv_captions(
     label_key: str | None = None,
     allow_multiline: bool = False,
 ) -> list[CaptionRecord]:
-    """Reads an open_clip-style CSV/TSV captions file (with a header row).
-
-    Rows, their order, cells and refusals are those of ``pandas.read_csv(path,
-    sep=sep)``, the call of open_clip's ``CsvDataset``; the defaults are
-    ``open_clip_train``'s ``--csv-separator``, ``--csv-img-key`` and
-    ``--csv-caption-key``. As in pandas, a separator longer than one character is a
-    regular expression (``"\\t"`` typed in a shell is a tab), a repeated column name
-    reads the first such column, blank lines are skipped and a byte-order mark is
-    ignored. File names and captions are ``str()`` of the cells. Beyond pandas, a
-    missing cell, an empty caption or file name, a repeated file name and a field
-    spanning lines that contain the separator (an unbalanced quote) are refused.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: Naming the file and line of the first problem.
-    """
+    """Reads an open_clip-style CSV/TSV (header row) exactly as ``pandas.read_csv(path, sep=sep)`` does, refusing missing or empty cells, repeated names and rows merged by a quote."""
     if not isinstance(sep, str) or not sep:
         raise ValueError(
             f"sep must be a non-empty string (a character such as '\\t' or ',', or a "

@@ -12,18 +12,6 @@ from typing import Any
 from xclr_plugin.captions.csv_file import open_text, parse_label, read_csv_captions
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 
-__all__ = [
-    "DEFAULT_SIDECAR",
-    "DEFAULT_TEMPLATE",
-    "FORMATS",
-    "check_template",
-    "detect_format",
-    "read_captions",
-    "read_class_captions",
-    "read_folder_captions",
-    "read_jsonl_captions",
-]
-
 #: Template of :func:`read_class_captions`, as in CLIP's zero-shot prompts.
 DEFAULT_TEMPLATE = "a photo of a {}"
 #: Sidecar captions file looked for inside an image folder.
@@ -39,12 +27,7 @@ def read_jsonl_captions(
     caption_key: str = "caption",
     label_key: str | None = None,
 ) -> list[CaptionRecord]:
-    """Reads a JSON Lines captions file: one object per line, blank lines skipped.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: Naming the file and line of the first bad object or record.
-    """
+    """Reads a JSON Lines captions file (one object per line), naming the line of a problem."""
     records: list[CaptionRecord] = []
     locations: list[str] = []
     keys = [img_key, caption_key] + ([label_key] if label_key else [])
@@ -81,8 +64,7 @@ def read_jsonl_captions(
 
 
 def _lightly_folder(image_dir: str | os.PathLike[str]) -> Any:
-    """The folder as :class:`lightly.data.LightlyDataset` lists it (which must
-    exist and hold images)."""
+    """The folder as :class:`lightly.data.LightlyDataset` lists it."""
     from lightly.data import LightlyDataset
 
     if not os.path.isdir(image_dir):
@@ -101,18 +83,7 @@ def read_folder_captions(
     img_key: str = "filename",
     caption_key: str = "caption",
 ) -> list[CaptionRecord]:
-    """Captions of an image folder from a sidecar CSV (default ``image_dir/captions.csv``).
-
-    Sidecar names are those ``LightlyDataset(image_dir).get_filenames()`` gives
-    (``"class/img.png"`` with subfolders); every image needs exactly one caption and
-    every caption an image. Records follow the dataset, labelled by its targets when
-    the folder has subfolders.
-
-    Raises:
-        FileNotFoundError: If the folder or sidecar is missing, or the sidecar names
-            an image not in the folder.
-        ValueError: If an image has no caption, or the sidecar is malformed.
-    """
+    """Captions of an image folder from a sidecar CSV (default ``image_dir/captions.csv``), one per image."""
     if captions_file is None:
         captions_file = os.path.join(image_dir, DEFAULT_SIDECAR)
     sidecar = read_csv_captions(
@@ -178,16 +149,7 @@ def read_class_captions(
     template: str = DEFAULT_TEMPLATE,
     class_names: dict[str, str] | None = None,
 ) -> list[CaptionRecord]:
-    """Captions a labelled folder (one subfolder per class) from its class names.
-
-    Images, file names and labels are ``LightlyDataset(image_dir)``'s; each caption
-    is ``template.format(name)``, ``name`` being ``class_names[folder]`` if given,
-    else the folder name with ``_`` read as spaces.
-
-    Raises:
-        FileNotFoundError: If the folder does not exist.
-        ValueError: If it has no class subfolders or images, or a bad template.
-    """
+    """Captions a class folder: ``template.format(name)``, ``name`` from ``class_names`` or the folder."""
     check_template(template)
     dataset = _lightly_folder(image_dir)
     classes = getattr(dataset.dataset, "classes", None)
@@ -207,10 +169,7 @@ def read_class_captions(
 
 
 def detect_format(source: str | os.PathLike[str], *, captions_file: Any = None) -> str:
-    """The caption format of a source path: ``.tar`` shards (also braced or
-    ``::``-joined, as open_clip's ``--dataset-type auto``) are ``"webdataset"``, a
-    folder with a sidecar ``"folder"`` (else ``"classes"``), ``*.jsonl``/``*.json``
-    ``"jsonl"``, anything else ``"csv"``."""
+    """The format of a source path: ``.tar`` shards, a folder (with/without sidecar), JSONL, else CSV."""
     text = os.fspath(source)
     if os.path.isdir(text):
         sidecar = os.path.join(text, DEFAULT_SIDECAR)
@@ -233,12 +192,7 @@ def _read_shards(source: str | os.PathLike[str], **kwargs: Any) -> list[CaptionR
 def read_captions(
     source: str | os.PathLike[str], fmt: str = "auto", **kwargs: Any
 ) -> list[CaptionRecord]:
-    """Reads any caption source with the reader of ``fmt`` (one of :data:`FORMATS`,
-    or ``"auto"``: :func:`detect_format`); ``kwargs`` go to that reader.
-
-    Raises:
-        ValueError: For an unknown ``fmt``, and whatever the reader raises.
-    """
+    """Reads any caption source with the reader of ``fmt`` (one of :data:`FORMATS`, or ``"auto"``)."""
     if fmt == "auto":
         fmt = detect_format(source, captions_file=kwargs.get("captions_file"))
     readers: dict[str, Callable[..., list[CaptionRecord]]] = {

@@ -7,19 +7,10 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["CaptionRecord", "validate_records"]
-
 
 @dataclass(frozen=True)
 class CaptionRecord:
-    """One image and its description.
-
-    Attributes:
-        filename: Image path as the source gives it (relative to the image folder for
-            folder sources, as written for CSV/JSONL, the ``__key__`` for shards).
-        caption: The image's description; never empty.
-        label: Integer class label, or None if the source has no labels.
-    """
+    """One image (``filename``; a shard's ``__key__``), its non-empty caption and optional int label."""
 
     filename: str
     caption: str
@@ -33,17 +24,7 @@ def validate_records(
     where: Callable[[int], str] | None = None,
     unique: bool = True,
 ) -> list[CaptionRecord]:
-    """The records (any iterable but a string) as a list, checked once.
-
-    Errors name ``source`` and the record (``where(i)``, such as ``"file, line 3"``,
-    else its index).
-
-    Raises:
-        TypeError: If ``records`` is a string or not iterable, or an item is not a
-            :class:`CaptionRecord`.
-        ValueError: On an empty file name or caption, a label that is not an int, a
-            repeated file name (with ``unique``), or no records at all.
-    """
+    """The records as a list, checked once; errors name ``source`` and ``where(i)``."""
     name = os.fspath(source)
     if isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
         got = (

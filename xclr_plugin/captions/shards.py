@@ -1,15 +1,4 @@
-"""Captions of webdataset shards, read as open_clip's ``--dataset-type webdataset`` does.
-
-img2dataset (and most CC3M/CC12M/LAION copies) store one sample per key in tar shards:
-``KEY.jpg``, ``KEY.txt``, ``KEY.json``. open_clip groups a shard's members by
-``__key__`` (webdataset's ``base_plus_ext``: the name up to the first dot of its base
-name), lower-cases the extension, skips metadata members and trains on the decoded
-``txt``; this module reads exactly those keys and captions with :mod:`tarfile` and
-webdataset's own key splitting. A local shard is opened for random access, so only
-the tar headers and the caption members are read (``benchmarks/results/
-shard_captions.md``); other URLs (``pipe:``, ``http:``) are streamed through
-:func:`webdataset.gopen`.
-"""
+"""Captions of webdataset shards, keyed as open_clip's ``--dataset-type webdataset`` does (:mod:`tarfile` and webdataset's key splitting; local shards read by random access)."""
 
 from __future__ import annotations
 
@@ -24,8 +13,6 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from xclr_plugin.captions.records import CaptionRecord
-
-__all__ = ["expand_shard_urls", "iter_webdataset_captions", "read_webdataset_captions"]
 
 # webdataset's tar_file_iterator skips members matching this (its skip_meta default).
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
@@ -43,12 +30,7 @@ def _webdataset() -> Any:
 
 
 def expand_shard_urls(urls: str) -> list[str]:
-    """The shards of ``urls`` as ``open_clip_train --train-data`` expands them
-    (``::``-joined lists, brace notation, ``WDS_`` environment variables).
-
-    Raises:
-        ValueError: If ``urls`` is not a non-empty string or expands to nothing.
-    """
+    """The shards of ``urls`` as ``open_clip_train --train-data`` expands them."""
     if not isinstance(urls, str) or not urls.strip():
         raise ValueError(
             f"urls must be a non-empty string of shards (brace notation and '::' lists "
@@ -148,12 +130,7 @@ def _iter_captions(
 def iter_webdataset_captions(
     urls: str, *, caption_key: str = "txt"
 ) -> Iterator[tuple[str, str, str]]:
-    """Yields ``(key, caption, shard URL)`` for each sample with a caption.
-
-    Raises:
-        ValueError: For an unreadable shard, a caption that is not UTF-8, or a key with
-            two caption members in one shard.
-    """
+    """Yields ``(key, caption, shard URL)`` for each sample with a caption."""
     shards = expand_shard_urls(urls)
     for key, caption, index in _iter_captions(shards, caption_key):
         yield key, caption, shards[index]
@@ -166,20 +143,7 @@ def read_webdataset_captions(
     progress: bool = False,
     workers: int | None = None,
 ) -> list[CaptionRecord]:
-    """One record per sample of the shards, ``filename`` being the sample's ``__key__``.
-
-    Keys must be unique across all shards: ``__key__`` is what a caption cache is
-    looked up by, whatever order a shuffled or resampled pipeline uses.
-
-    ``urls`` as ``open_clip_train --train-data`` takes them; ``caption_key`` the
-    caption member's extension; ``workers`` processes read whole shards in parallel
-    (for hundreds of shards; the calling script needs the ``__main__`` guard).
-    Records come in shard order, then member order.
-
-    Raises:
-        ValueError: For an unreadable shard, a duplicate key (naming both shards), an
-            empty caption (naming shard and key), or shards without any caption.
-    """
+    """One record per sample (``filename`` = ``__key__``, unique across shards), in shard then member order; ``workers`` processes read shards in parallel."""
     shards = expand_shard_urls(urls)
     first_shard: dict[str, int] = {}
     records: list[CaptionRecord] = []

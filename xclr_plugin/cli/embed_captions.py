@@ -1,10 +1,4 @@
-"""``xclr-embed-captions``: build a caption cache from any caption source.
-
-Every error (bad flags, unreadable or malformed captions, a cache of other content in
-the output folder, a build lock not freed within ``--lock-timeout``) is one line
-``xclr-embed-captions: error: ...`` and exit status 2; flags and output folder are
-checked before the captions are read and the encoder is loaded.
-"""
+"""``xclr-embed-captions``: build a caption cache from any caption source (every error one line, exit 2, flags checked before reading)."""
 
 from __future__ import annotations
 
@@ -28,28 +22,15 @@ from xclr_plugin.captions import (
 )
 from xclr_plugin.errors import ArgumentParser, UsageError, print_error
 
-__all__ = ["EmbedOptions", "main", "parse_args"]
-
 PROG = "xclr-embed-captions"
-# Reader flag -> (its reader keyword, the formats that take it).
+# Reader flag -> (its reader keyword, the formats that take it, help).
 _READER_FLAGS = {
-    "--captions-file": ("captions_file", ("folder",)),
-    "--csv-separator": ("sep", ("csv", "folder")),
-    "--csv-img-key": ("img_key", ("csv", "folder", "jsonl")),
-    "--csv-caption-key": ("caption_key", ("csv", "folder", "jsonl", "webdataset")),
-    "--template": ("template", ("classes",)),
-}
-_HELP = {
-    "--captions-file": "sidecar filename,caption CSV for --format folder",
-    "--csv-separator": "CSV separator as open_clip passes it to pandas.read_csv "
-    "(default: tab; ',' for a sidecar); longer than one character it is a regular "
-    "expression, so a literal '\\t' is a tab and ';;' two semicolons",
-    "--csv-img-key": "image column (default: filepath; filename for JSONL/sidecar)",
-    "--csv-caption-key": "caption column (default: title; caption for JSONL/sidecar; "
-    "the caption member's extension for webdataset, default txt)",
-    "--template": "caption template with one {} for --format classes (default: "
-    "'a photo of a {}')",
-}
+    "--captions-file": ("captions_file", ("folder",), "sidecar filename,caption CSV for --format folder"),
+    "--csv-separator": ("sep", ("csv", "folder"), "CSV separator as open_clip passes it to pandas.read_csv (default: tab; ',' for a sidecar); longer than one character it is a regular expression, so a literal '\\t' is a tab and ';;' two semicolons"),
+    "--csv-img-key": ("img_key", ("csv", "folder", "jsonl"), "image column (default: filepath; filename for JSONL/sidecar)"),
+    "--csv-caption-key": ("caption_key", ("csv", "folder", "jsonl", "webdataset"), "caption column (default: title; caption for JSONL/sidecar; the caption member's extension for webdataset, default txt)"),
+    "--template": ("template", ("classes",), "caption template with one {} for --format classes (default: 'a photo of a {}')"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,60 +79,36 @@ def _parser() -> ArgumentParser:
         "interrupted; a second build of the same folder waits for the first).",
     )
     add = parser.add_argument
-    add(
-        "source",
-        help="captions source: open_clip CSV/TSV, JSONL, an image folder "
-        "with a captions.csv sidecar, a labelled folder (one subfolder per class), or "
-        "webdataset shards ('shards/{00000..00009}.tar', '::'-joined lists)",
-    )
+    # fmt: off
+    add("source", help="captions source: open_clip CSV/TSV, JSONL, an image folder with a captions.csv sidecar, a labelled folder "
+        "(one subfolder per class), or webdataset shards ('shards/{00000..00009}.tar', '::'-joined lists)")
     add("-o", "--output", required=True, help="cache folder to write")
-    add(
-        "--format",
-        default="auto",
-        choices=("auto", *FORMATS),
-        help="how to read "
-        "SOURCE (default: from the path; '.tar' shards are webdataset)",
-    )
-    for flag, text in _HELP.items():
+    add("--format", default="auto", choices=("auto", *FORMATS),
+        help="how to read SOURCE (default: from the path; '.tar' shards are webdataset)")
+    for flag, (_, _, text) in _READER_FLAGS.items():
         add(flag, help=text)
-    add(
-        "--encoder",
-        help="sentence-transformers name or local folder (default: "
-        "packaged all-MiniLM-L6-v2)",
-    )
+    add("--encoder", help="sentence-transformers name or local folder (default: packaged all-MiniLM-L6-v2)")
     add("--device", default="cpu", help="encoder device (default: cpu)")
     add("--batch-size", type=_positive_int, default=256, help="encoder batch size")
-    add(
-        "--chunk-size",
-        type=_positive_int,
-        default=DEFAULT_CHUNK_SIZE,
-        help="rows committed per step",
-    )
+    add("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, help="rows committed per step")
     add("--dtype", default="float16", choices=DTYPES, help="storage dtype")
     add("--overwrite", action="store_true", help="replace a different cache in OUTPUT")
-    add(
-        "--lock-timeout",
-        help="seconds to wait for another build of OUTPUT before "
-        "giving up (default: wait until it finishes)",
-        type=_seconds,
-    )
-    add(
-        "--allow-multiline-captions",
-        action="store_true",
-        help="accept CSV captions "
-        "that span lines containing the separator (refused by default: the sign of "
-        "an unbalanced quote)",
-    )
+    add("--lock-timeout", type=_seconds, help="seconds to wait for another build of OUTPUT before giving up "
+        "(default: wait until it finishes)")
+    add("--allow-multiline-captions", action="store_true", help="accept CSV captions that span lines containing "
+        "the separator (refused by default: the sign of an unbalanced quote)")
     add("--no-progress", action="store_true", help="hide the progress bar")
-    return parser  # fmt: skip
+    # fmt: on
+    return parser
 
 
 def _reader_kwargs(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
-    """The reader's keyword arguments; a flag ``fmt`` does not take is an error."""
     given = {f: getattr(args, f[2:].replace("-", "_")) for f in _READER_FLAGS}
     given = {flag: value for flag, value in given.items() if value is not None}
     if wrong := [f for f in given if fmt not in _READER_FLAGS[f][1]]:
-        takes = sorted(f for f, (_, formats) in _READER_FLAGS.items() if fmt in formats)
+        takes = sorted(
+            f for f, (_, formats, _) in _READER_FLAGS.items() if fmt in formats
+        )
         raise UsageError(
             f"{', '.join(wrong)} does not apply to --format {fmt} (it takes "
             f"{', '.join(takes) or 'none of the reader options'})."
@@ -171,7 +128,6 @@ def _reader_kwargs(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
 
 
 def _check_output(output: str) -> Path:
-    """The output folder, if it can become a cache folder."""
     path = existing = Path(output)
     if path.exists() and not path.is_dir():
         raise UsageError(
@@ -190,11 +146,7 @@ def _check_output(output: str) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EmbedOptions:
-    """The checked options (argparse's own errors exit with status 2).
-
-    Raises:
-        ValueError: For a flag that does not apply to the format, or a bad output.
-    """
+    """The checked options; UsageError for a flag the format does not take or a bad output."""
     args = _parser().parse_args(argv)
     fmt = args.format
     if fmt == "auto":

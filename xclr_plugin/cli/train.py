@@ -1,17 +1,11 @@
 """``xclr-train``: ``lightly-ssl-train`` plus ``criterion.name``, a hydra command.
 
-    xclr-train input_dir=images/ pre_trained=False            # as lightly-ssl-train
-    xclr-train input_dir=images/ criterion.name=xclr          # images/captions.csv
-    xclr-train input_dir=train/ criterion.name=supcon trainer.accelerator=cpu \\
-        trainer.devices=2 trainer.strategy=ddp criterion.gather_distributed=true
-
 A config error prints one line ``xclr-train: error: ...`` and exits with status 2
 before training; a non-finite loss exits with status 1.
 """
 
-from __future__ import annotations
-
 import sys
+from functools import partial
 
 import hydra
 from lightly.cli._helpers import fix_hydra_arguments
@@ -23,12 +17,11 @@ from xclr_plugin.integrations.lightly_train.training import fit, prepare
 
 
 def _run(cfg: DictConfig) -> None:
-    """Config errors before training (status 2), then only a non-finite loss (1)."""
-    plan = run_command("xclr-train", lambda: prepare(cfg, is_cli_call=True))
-    if isinstance(plan, int) or isinstance(
-        plan := run_command("xclr-train", lambda: fit(plan), errors=()), int
-    ):
+    plan = run_command("xclr-train", partial(prepare, cfg, is_cli_call=True))
+    if isinstance(plan, int):
         sys.exit(plan)
+    if isinstance(status := run_command("xclr-train", partial(fit, plan), ()), int):
+        sys.exit(status)
 
 
 # An absolute config path: a file-based config source (no __init__.py needed there).

@@ -1,12 +1,5 @@
-"""``xclr-train``: lightly's ``lightly-ssl-train`` with a choice of loss.
-
-:mod:`.config` types and checks the config, :mod:`.targets` the images, the loss and
-its targets (caption embeddings or class labels), :mod:`.training` builds the run in
-lightly-ssl-train's order and fits it.
-
-Examples:
-    >>> result = train(load_config(["input_dir=images/", "criterion.name=supcon"]))
-"""
+"""``xclr-train``, lightly-ssl-train with a choice of loss: :mod:`.config` types the
+config, :mod:`.targets` checks images, loss and targets, :mod:`.training` runs it."""
 
 from xclr_plugin.integrations.lightly_train.config import (
     CONFIG_DIR,

@@ -1,11 +1,6 @@
-"""The ``xclr-train`` config: composed by hydra, typed and range-checked once.
-
-:class:`TrainConfig` is an OmegaConf structured config (``trainer.max_epochs=abc`` is
-refused by name) whose fields carry their ranges. Keys a section does not declare go to
-its ``extra`` and are passed on with it (``+trainer.log_every_n_steps=1``).
-"""
-
-from __future__ import annotations
+"""The ``xclr-train`` config: composed by hydra, typed (an OmegaConf structured config)
+and range-checked once. Keys a section does not declare go to its ``extra`` and are
+passed on with it (``+trainer.log_every_n_steps=1``, a loss's own arguments)."""
 
 import math
 import typing
@@ -22,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).parent
 CONFIG_NAME = "xclr_train"
+#: Paths: empty means None; relative to the caller's folder on the command line.
+_PATHS = {"input_dir", "checkpoint", "captions.source", "captions.cache_dir"}
 
 
 def _rule(default: Any, test: Callable[[Any], bool], expected: str) -> Any:
@@ -37,19 +34,10 @@ def _one_of(options: Sequence[str], default: str) -> Any:
     return _rule(default, lambda v: v in options, f"one of {list(options)}")
 
 
-def _path() -> Any:
-    """A path field: empty means None; relative to the caller's folder on the CLI."""
-    return field(default=None, metadata={"path": True})
-
-
 def _is_bank(v: Any) -> bool:
     ints = [v] if isinstance(v, int) else v if isinstance(v, list) else [None]
     ok = all(type(i) is int for i in ints)
     return ok and (ints == [0] or (len(ints) == 2 and min(ints) > 0))
-
-
-def _epochs(v: int) -> bool:
-    return v >= 1 or v == -1
 
 
 @dataclass
@@ -109,6 +97,7 @@ class LoaderConfig(Section):
 
 
 _EPOCHS = ">= 1, or -1 for no limit"
+_NO_EPOCHS = f"{_EPOCHS} (0 trains nothing and writes no checkpoint)"
 
 
 @dataclass
@@ -116,10 +105,8 @@ class TrainerConfig(Section):
     """Lightning ``Trainer`` arguments; ``gpus`` as lightly-ssl-train reads it."""
 
     gpus: int | None = _at_least(0, None)
-    max_epochs: int | None = _rule(
-        None, _epochs, f"{_EPOCHS} (0 trains nothing and writes no checkpoint)"
-    )
-    max_steps: int = _rule(-1, _epochs, _EPOCHS)
+    max_epochs: int | None = _rule(None, lambda v: v >= 1 or v == -1, _NO_EPOCHS)
+    max_steps: int = _rule(-1, lambda v: v >= 1 or v == -1, _EPOCHS)
     accelerator: str | None = None
     devices: Any = None
     strategy: str | None = None
@@ -160,7 +147,7 @@ class SummaryConfig(Section):
 
 @dataclass
 class CaptionsConfig(Section):
-    source: str | None = _path()
+    source: str | None = None
     format: str = _one_of(["auto", "csv", "jsonl", "folder", "classes"], "auto")
     sep: str | None = None
     img_key: str | None = None
@@ -169,7 +156,7 @@ class CaptionsConfig(Section):
     encoder: str | None = None
     device: str = "cpu"
     batch_size: int = _at_least(1, 256)
-    cache_dir: str | None = _path()
+    cache_dir: str | None = None
     dtype: str = "float16"
 
 
@@ -177,8 +164,8 @@ class CaptionsConfig(Section):
 class TrainConfig(Section):
     """The whole ``xclr-train`` config (lightly-ssl-train's keys plus ours), typed."""
 
-    input_dir: str | None = _path()
-    checkpoint: str | None = _path()
+    input_dir: str | None = None
+    checkpoint: str | None = None
     pre_trained: bool = True
     seed: int = _rule(1, lambda v: 0 <= v < 2**32, "in [0, 2**32)")
     check_images: bool = True
@@ -194,12 +181,15 @@ class TrainConfig(Section):
     environment_variable_names: dict[str, str] = field(default_factory=dict)
 
 
+#: What :func:`parse_config` (and so ``train``) takes.
+AnyConfig = TrainConfig | DictConfig | Mapping[str, Any]
+
+
 def load_config(
     overrides: Sequence[str] = (), updates: Mapping[str, Any] | None = None
 ) -> DictConfig:
-    """Composes the config as the command line would, from hydra ``overrides``
-    (``["input_dir=images/"]``; an unknown key raises hydra's
-    ``ConfigCompositionException``) and nested ``updates`` merged on top."""
+    """The config as the command line composes it from hydra ``overrides`` (an unknown
+    key raises hydra's error), with nested ``updates`` merged on top."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
     if updates:
@@ -233,21 +223,15 @@ def _check(section: Any, prefix: str, is_cli_call: bool) -> None:
             raise ValueError(f"{key} must be a finite number, got {value!r}.")
         elif test and value is not None and not test(value):
             raise ValueError(f"{key} must be {expected}, got {value!r}.")
-        elif f.metadata.get("path"):
+        elif key in _PATHS:
             fixed = fix_input_path(value) if value and is_cli_call else value
             setattr(section, f.name, fixed or None)
 
 
-def parse_config(
-    cfg: TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
-) -> TrainConfig:
-    """Types and checks a config once; a plain mapping is merged onto the defaults.
-
-    ``is_cli_call`` resolves relative paths against hydra's original working folder.
-
-    Raises:
-        ValueError: Naming the first key of the wrong type or range.
-    """
+def parse_config(cfg: AnyConfig, *, is_cli_call: bool = False) -> TrainConfig:
+    """Types and checks a config once (ValueError naming the first bad key); a plain
+    mapping is merged onto the defaults; ``is_cli_call`` resolves relative paths
+    against hydra's original working folder."""
     if isinstance(cfg, TrainConfig):
         return cfg
     plain = OmegaConf.to_container(

@@ -1,18 +1,14 @@
 """What a run reads: the images of ``input_dir`` (checked), the loss (checked by name)
 and its targets (caption embeddings, class labels or none)."""
 
-from __future__ import annotations
-
 import csv
 import os
-from collections.abc import Mapping, Sequence
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightly.data import LightlyDataset, MultiViewCollate
 from lightly.data._helpers import IMG_EXTENSIONS
-from omegaconf import DictConfig
 from PIL import Image
 
 from xclr_plugin import text
@@ -24,12 +20,7 @@ from xclr_plugin.captions import (
     read_captions,
 )
 from xclr_plugin.data import XCLRCollate
-from xclr_plugin.integrations.lightly_train.config import (
-    CaptionsConfig,
-    CriterionConfig,
-    TrainConfig,
-    parse_config,
-)
+from xclr_plugin.integrations.lightly_train import config as conf
 from xclr_plugin.registry import LossSpec, loss_info, parameter_names
 
 
@@ -72,21 +63,20 @@ def list_images(input_dir: str | None) -> LightlyDataset:
 def verify_images(input_dir: str, filenames: Sequence[str]) -> None:
     """Opens and verifies every image with PIL (for PNG every chunk and its CRC; JPEG
     scan data is not decoded), naming the first unreadable one."""
-    bad: list[tuple[str, str]] = []
+    bad = {}
     for path in (os.path.join(input_dir, name) for name in filenames):
-        if not path.lower().endswith(IMG_EXTENSIONS):  # videos: lightly's own reader
-            continue
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as err:  # PIL raises many kinds for many formats
-            bad.append((path, f"{type(err).__name__}: {err}"))
+        if path.lower().endswith(IMG_EXTENSIONS):  # videos: lightly's own reader
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as err:  # PIL raises many kinds for many formats
+                bad[path] = f"{type(err).__name__}: {err}"
     if bad:
+        path, why = next(iter(bad.items()))
         more = f" ({len(bad)} of {len(filenames)} images are unreadable)"
         raise ValueError(
-            f"the image {bad[0][0]} cannot be read{more if len(bad) > 1 else ''}: "
-            f"{bad[0][1]}. Remove or replace it (or set check_images=false to skip "
-            "this check)."
+            f"the image {path} cannot be read{more if len(bad) > 1 else ''}: {why}. "
+            "Remove or replace it (or set check_images=false to skip this check)."
         )
 
 
@@ -94,7 +84,7 @@ def _keys(names: Sequence[str]) -> str:
     return ", ".join(f"criterion.{k}" for k in names)
 
 
-def check_loss(criterion: CriterionConfig) -> LossSpec:
+def check_loss(criterion: conf.CriterionConfig) -> LossSpec:
     """The two-view loss ``criterion.name``; ValueError for an unknown or image-text
     loss, TypeError naming exactly the ``criterion.*`` keys it does not take."""
     spec = loss_info(criterion.name)
@@ -126,12 +116,11 @@ def _is_sidecar(path: str) -> bool:
     return {"filename", "caption"} <= header
 
 
-def _read_records(captions: CaptionsConfig, input_dir: str) -> list[CaptionRecord]:
+def _read_records(captions: conf.CaptionsConfig, input_dir: str) -> list[CaptionRecord]:
     """The caption records ``captions.*`` names for the images of ``input_dir``."""
     source, fmt = captions.source, captions.format
     if fmt == "auto" and source is None:
-        sidecar = os.path.join(input_dir, DEFAULT_SIDECAR)
-        if not os.path.isfile(sidecar):
+        if not os.path.isfile(sidecar := os.path.join(input_dir, DEFAULT_SIDECAR)):
             raise ValueError(
                 "This loss needs a caption for every image, but no captions source is "
                 f"set and {sidecar} does not exist. Set captions.source=<file> "
@@ -175,42 +164,33 @@ def _align(
             name = os.path.relpath(os.path.abspath(record.filename), input_dir)
         by_name.setdefault(Path(name).as_posix(), record)
     aligned = {name: by_name.pop(Path(name).as_posix(), None) for name in filenames}
-    missing = [name for name, record in aligned.items() if record is None]
-    if missing:
+    if missing := [name for name, record in aligned.items() if record is None]:
         other = next(iter(by_name), None)
+        unmatched = f" The captions name e.g. {other!r}, not an image of input_dir."
         raise ValueError(
             f"The captions do not cover the images: {len(missing)} of {len(filenames)} "
             f"image(s) in {input_dir} have no caption, e.g. {missing[0]!r}."
-            + (
-                f" The captions name e.g. {other!r}, which is not an image of input_dir."
-                if other
-                else ""
-            )
-            + " File names in the captions must be relative to input_dir (or absolute)."
+            f"{unmatched if other else ''} File names in the captions must be relative "
+            "to input_dir (or absolute)."
         )
     return [CaptionRecord(n, r.caption, r.label) for n, r in aligned.items() if r]
 
 
 def _embeddings(
-    records: list[CaptionRecord], captions: CaptionsConfig
+    records: list[CaptionRecord], captions: conf.CaptionsConfig
 ) -> CaptionLookup:
     """A finished cache of the records, opened without the encoder, else embedded."""
     name, cache_dir, device = captions.encoder, captions.cache_dir, captions.device
-    encoder = partial(
-        text.TextEncoder,
-        name,
-        device=device,
-        batch_size=captions.batch_size,
-        show_progress=True,
-    )
-    expected = os.path.abspath(name) if name and os.path.isdir(name) else name
+
+    def encoder() -> text.TextEncoder:
+        return text.TextEncoder(
+            name, device=device, batch_size=captions.batch_size, show_progress=True
+        )
+
+    expected = text.encoder_name(name)
     try:
         return caption_lookup(
-            records,
-            cache_dir,
-            encoder,
-            encoder_name=expected or text.DEFAULT_MODEL_NAME,
-            dtype=captions.dtype,
+            records, cache_dir, encoder, encoder_name=expected, dtype=captions.dtype
         )
     except (OSError, RuntimeError, ImportError) as err:
         # A missing encoder folder, an absent device, an unwritable cache folder.
@@ -223,7 +203,7 @@ def _embeddings(
 
 
 def make_targets(
-    config: TrainConfig, spec: LossSpec, dataset: LightlyDataset
+    config: conf.TrainConfig, spec: LossSpec, dataset: LightlyDataset
 ) -> tuple[Any, str]:
     """``(collate_fn, kind)`` for the loss ``spec`` on the images of ``dataset``."""
     if spec.targets == "none":
@@ -238,22 +218,19 @@ def make_targets(
                 f"{input_dir} has {len(classes)} class folder(s); at least 2 are needed."
             )
         return XCLRCollate(use_labels=True), "labels"
-    records = _read_records(config.captions, input_dir)
-    records = _align(records, dataset.get_filenames(), input_dir)
+    records = _align(
+        _read_records(config.captions, input_dir), dataset.get_filenames(), input_dir
+    )
     return XCLRCollate(_embeddings(records, config.captions)), "captions"
 
 
 def prepare_targets(
-    cfg: TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
+    cfg: conf.AnyConfig, *, is_cli_call: bool = False
 ) -> tuple[Any, str]:
     """Checks the config for its loss and returns ``(collate_fn, kind)``: lightly's
     ``MultiViewCollate`` and ``"none"``, or an ``XCLRCollate`` with the caption
-    embeddings (``"captions"``) or ``use_labels=True`` (``"labels"``).
-
-    Raises:
-        ValueError: For a bad key, loss, ``input_dir`` or captions (TypeError for a
-            ``criterion.*`` key the loss does not take).
-    """
-    config = parse_config(cfg, is_cli_call=is_cli_call)
+    embeddings (``"captions"``) or ``use_labels=True`` (``"labels"``). Raises
+    ValueError (TypeError for a ``criterion.*`` key the loss does not take)."""
+    config = conf.parse_config(cfg, is_cli_call=is_cli_call)
     spec = check_loss(config.criterion)
     return make_targets(config, spec, list_images(config.input_dir))

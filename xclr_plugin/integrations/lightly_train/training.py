@@ -1,11 +1,6 @@
-"""A run of ``xclr-train``: model, module and trainer, checked and built, then fit.
-
-:func:`prepare` builds each piece once, in the order of lightly-ssl-train
-(``lightly.cli.train_cli._train_cli``), so the random stream is the same; the checks
-run in between, cheap ones first and the trainer (which logs) last.
-"""
-
-from __future__ import annotations
+"""A run of ``xclr-train``: :func:`prepare` builds each piece once, in the order of
+lightly-ssl-train (``lightly.cli.train_cli._train_cli``, so the random stream is the
+same), checking in between, the trainer (which logs) last; :func:`fit` trains."""
 
 import copy
 import math
@@ -13,26 +8,19 @@ import os
 import random
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from lightly.cli import _helpers as lightly_cli
 from lightly.cli._cli_simclr import _SimCLR
-from lightly.cli._helpers import (
-    cpu_count,
-    get_ptmodel_from_config,
-    is_url,
-    load_from_state_dict,
-    load_state_dict_from_url,
-)
 from lightly.embedding import SelfSupervisedEmbedding, callbacks
 from lightly.models import ResNetGenerator
 from lightly.models.batchnorm import get_norm_layer
 from lightly.transforms import SimCLRTransform
-from omegaconf import DictConfig
 from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
@@ -63,9 +51,7 @@ class TargetEmbedding(SelfSupervisedEmbedding):  # type: ignore[misc]
     """lightly's ``SelfSupervisedEmbedding`` whose loss also gets the batch's targets
     (caption embeddings or labels): ``criterion(out0, out1, targets)``."""
 
-    def training_step(
-        self, batch: tuple[list[Tensor], Tensor | None, list[str]], batch_idx: int
-    ) -> Tensor:
+    def training_step(self, batch: tuple[Any, Tensor, Any], batch_idx: int) -> Tensor:
         (x0, x1), targets, _ = batch
         loss: Tensor = self.criterion(*self(x0, x1), targets)
         # Each process's loss covers its own anchors; their mean is the global batch's.
@@ -81,7 +67,7 @@ class StopOnNonFiniteLoss(Callback):  # type: ignore[misc]
         self.loss_name = loss_name
 
     def on_before_backward(
-        self, trainer: Trainer, pl_module: LightningModule, loss: Tensor
+        self, trainer: Trainer, _: LightningModule, loss: Tensor
     ) -> None:
         finite = bool(torch.isfinite(loss.detach()).all())
         if trainer.strategy.reduce_boolean_decision(not finite, all=False):
@@ -106,60 +92,43 @@ class TrainResult:
     loss_name: str = "ntxent"
 
 
-@dataclass
-class Plan:
-    """A checked config and the module and trainer built from it, ready to fit."""
-
-    config: conf.TrainConfig
-    module: SelfSupervisedEmbedding
-    trainer: Trainer
+#: A checked config and the module and trainer built from it, ready to fit.
+Plan = tuple[conf.TrainConfig, SelfSupervisedEmbedding, Trainer]
 
 
 @contextmanager
-def _section(
-    key: str, hint: str = "", errors: Any = (TypeError, ValueError)
-) -> Iterator[None]:
-    """Reports a failure to build a config section's piece as a config error."""
+def _section(key: str, hint: str = "", errors: Any = ValueError) -> Iterator[None]:
+    """Reports a failure (``errors``, TypeError, ValueError) to build a config
+    section's piece as a config error, naming the error's type unless it is those."""
     try:
         yield
-    except errors as err:
-        kind = (
-            ""
-            if isinstance(err, (TypeError, ValueError))
-            else f"{type(err).__name__}: "
-        )
-        raise ValueError(f"{key}: {kind}{err}{hint}") from None
+    except (errors, TypeError, ValueError) as err:
+        kind = "" if isinstance(err, (TypeError, ValueError)) else type(err).__name__
+        raise ValueError(f"{key}: {kind}{': ' if kind else ''}{err}{hint}") from None
 
 
-def check_batches(
-    loader: conf.LoaderConfig,
-    criterion: conf.CriterionConfig,
-    count: int,
-    world_size: int | None,
-) -> None:
-    """Refuses batches that cannot be contrasted or never fill (``world_size=None``:
-    not known yet, checked again once the trainer is built)."""
+def check_batches(config: conf.TrainConfig, count: int, world: int | None) -> None:
+    """Refuses batches that cannot be contrasted or never fill (``world=None``: the
+    process count is not known yet, checked again once the trainer is built)."""
+    loader, criterion = config.loader, config.criterion
     gather = bool(criterion.gather_distributed)
-    if world_size is None and gather:
+    if world is None and gather:
         return
-    world_size, batch = world_size or 1, min(loader.batch_size, count)  # as lightly
-    if batch < 2 and not (gather and world_size > 1) and not criterion.memory_bank_size:
-        what = (
-            f"loader.batch_size={loader.batch_size}"
-            if loader.batch_size < 2
-            else f"input_dir holds {count} image, so every batch has 1"
-        )
+    world, batch = world or 1, min(loader.batch_size, count)  # clamped as lightly does
+    if batch < 2 and not ((gather and world > 1) or criterion.memory_bank_size):
+        what = f"input_dir holds {count} image, so every batch has 1"
+        if loader.batch_size < 2:
+            what = f"loader.batch_size={loader.batch_size}"
         raise ValueError(
             f"{what}: a contrastive loss needs at least 2 images per batch (with 1, "
             "an image's only candidate is its own other view, the loss is 0 and "
             "nothing is learned). Use loader.batch_size >= 2 and at least 2 images, "
             "or a memory bank (criterion.memory_bank_size)."
         )
-    per_process = math.ceil(count / world_size)
-    if loader.drop_last and per_process < batch:
+    if loader.drop_last and (per_process := math.ceil(count / world)) < batch:
         raise ValueError(
             f"loader.batch_size={batch} is larger than the {per_process} images each of "
-            f"the {world_size} processes gets ({count} images in input_dir): with "
+            f"the {world} processes gets ({count} images in input_dir): with "
             "loader.drop_last=true no batch is full and nothing would be trained. "
             f"Use loader.batch_size <= {per_process}."
         )
@@ -167,9 +136,12 @@ def check_batches(
 
 def _state_dict(config: conf.TrainConfig) -> dict[str, Any] | None:
     """lightly-ssl-train's starting weights: ``checkpoint``, or the model zoo's."""
-    checkpoint = config.checkpoint
+    checkpoint, source = config.checkpoint, f"checkpoint={config.checkpoint}"
     if config.pre_trained and not checkpoint:
-        checkpoint, key = get_ptmodel_from_config(config.model.kwargs())
+        checkpoint, key = lightly_cli.get_ptmodel_from_config(config.model.kwargs())
+        source = (
+            "pre_trained=true downloads them; pre_trained=false trains from scratch"
+        )
         if not checkpoint:
             warnings.warn(
                 f"Cannot download checkpoint for key {key} because it does not exist! "
@@ -178,36 +150,30 @@ def _state_dict(config: conf.TrainConfig) -> dict[str, Any] | None:
             )
     if not checkpoint:
         return None
-    load = load_state_dict_from_url if is_url(checkpoint) else torch.load
-    source = (
-        f"checkpoint={checkpoint}"
-        if config.checkpoint
-        else "pre_trained=true downloads them; pre_trained=false trains from scratch"
-    )
-    errors = (OSError, RuntimeError, KeyError, TypeError, ValueError)
-    with _section(
-        "checkpoint", f" (cannot load the starting weights: {source})", errors
-    ):
+    url = lightly_cli.is_url(checkpoint)
+    load = lightly_cli.load_state_dict_from_url if url else torch.load
+    hint = f" (cannot load the starting weights: {source})"
+    with _section("checkpoint", hint, (OSError, RuntimeError, KeyError)):
         state: dict[str, Any] = load(checkpoint, map_location="cpu")["state_dict"]
     return state
 
 
-def _trial_step(module: SelfSupervisedEmbedding, kind: str) -> None:
-    """One forward pass of transform, model and loss on two images, on copies (the
-    model's batch-norm statistics and a loss's memory bank stay as built); finds what
-    only shows when the pieces meet, e.g. an input size too small for the network."""
+def _trial_step(config: conf.TrainConfig, module: SelfSupervisedEmbedding) -> None:
+    """Sets the dataset's transform and runs transform, model and loss once on two
+    images, on copies (batch-norm statistics and a loss's memory bank stay as built):
+    finds what only shows when the pieces meet, e.g. too small an input size."""
     stage, loader = "collate", module.dataloader
     try:
         with torch.no_grad():
+            loader.dataset.transform = SimCLRTransform(**config.collate.kwargs())
             items = [loader.dataset[i] for i in range(min(2, len(loader.dataset)))]
             views, targets, _ = loader.collate_fn(items)
             stage = "model"
             out = copy.deepcopy(module.model).train()(views[0], views[1])
             stage = "criterion"
             if len(items) == 2:
-                copy.deepcopy(module.criterion)(
-                    *out, *([targets] if kind != "none" else [])
-                )
+                extra = [targets] if isinstance(module, TargetEmbedding) else []
+                copy.deepcopy(module.criterion)(*out, *extra)
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as err:
         raise ValueError(
             f"{stage}: a trial step on two images failed: {type(err).__name__}: {err}"
@@ -217,37 +183,34 @@ def _trial_step(module: SelfSupervisedEmbedding, kind: str) -> None:
 def _settle_gather(config: conf.TrainConfig) -> int | None:
     """The process count asked for; drops ``criterion.gather_distributed`` (with a
     warning) where it cannot gather, warns where it is missing."""
-    criterion, world_size = config.criterion, config.trainer.world_size()
+    criterion, world = config.criterion, config.trainer.world_size()
     ddp = str(config.trainer.kwargs()["strategy"]).startswith("ddp")
-    if criterion.gather_distributed and world_size == 1 and not ddp:
+    if criterion.gather_distributed and world == 1 and not ddp:
+        criterion.gather_distributed = None
         warnings.warn(
             "criterion.gather_distributed=true has no effect in a single process; "
             "training without it.",
             stacklevel=4,
         )
-        criterion.gather_distributed = None
-    elif not criterion.gather_distributed and (world_size or 1) > 1:
+    elif not criterion.gather_distributed and (world or 1) > 1:
         warnings.warn(
             "Training on several processes without criterion.gather_distributed=true: "
             "each process contrasts (and builds targets from) its own batch only.",
             stacklevel=4,
         )
-    return world_size
+    return world
 
 
-def prepare(
-    cfg: conf.TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
-) -> Plan:
-    """Checks all that can be checked before training and builds the run (see
-    :func:`train`)."""
+def prepare(cfg: conf.AnyConfig, *, is_cli_call: bool = False) -> Plan:
+    """Checks all that can be checked before training and builds the run."""
     config = conf.parse_config(cfg, is_cli_call=is_cli_call)
     spec = check_loss(config.criterion)
-    world_size = _settle_gather(config)
+    world = _settle_gather(config)
     dataset = list_images(config.input_dir)
     # Lightning re-runs this script for the other DDP processes: one check suffices.
     if config.check_images and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         verify_images(str(config.input_dir), dataset.get_filenames())
-    check_batches(config.loader, config.criterion, len(dataset), world_size)
+    check_batches(config, len(dataset), world)
     if dirpath := config.checkpoint_callback.dirpath:  # Lightning writes it only later
         hint = " (checkpoints cannot be written there)"
         with _section(f"checkpoint_callback.dirpath={dirpath}", hint, OSError):
@@ -269,17 +232,17 @@ def prepare(
     with _section("model"):
         model = build_model(config.model)
     if state_dict is not None:
-        load_from_state_dict(model, state_dict)
+        lightly_cli.load_from_state_dict(model, state_dict)
     with _section("criterion"):
         criterion = create_loss(spec.name, **config.criterion.loss_kwargs())
     with _section("optimizer", " (optimizer.* is passed to torch.optim.SGD)"):
         optimizer = torch.optim.SGD(model.parameters(), **config.optimizer.kwargs())
-    with _section("collate"):
-        dataset.transform = SimCLRTransform(**config.collate.kwargs())
-    loader = config.loader.kwargs()
-    loader["batch_size"] = min(loader["batch_size"], len(dataset))
+    loader = {
+        **config.loader.kwargs(),
+        "batch_size": min(config.loader.batch_size, len(dataset)),
+    }
     if loader["num_workers"] < 0:
-        loader["num_workers"] = cpu_count()
+        loader["num_workers"] = lightly_cli.cpu_count()
     # The caption encoder and the trial step must not move torch's random stream.
     with torch.random.fork_rng(devices=[]):
         collate_fn, kind = make_targets(config, spec, dataset)
@@ -289,7 +252,7 @@ def prepare(
             )
         module_cls = SelfSupervisedEmbedding if kind == "none" else TargetEmbedding
         module = module_cls(model, criterion, optimizer, dataloader)
-        _trial_step(module, kind)
+        _trial_step(config, module)
     # lightly-ssl-train seeds torch only; its blur and rotation draw from numpy, so
     # numpy and random are seeded too (after the trial step, which draws from them).
     random.seed(config.seed)
@@ -297,25 +260,25 @@ def prepare(
 
     # lightly's SelfSupervisedEmbedding.train_embedding, with one more callback.
     with _section("checkpoint_callback"):
-        checkpoint_cb = callbacks.create_checkpoint_callback(
+        checkpoint = callbacks.create_checkpoint_callback(
             **config.checkpoint_callback.kwargs()
         )
-    summary_cb = callbacks.create_summary_callback(config.summary_callback.kwargs())
+    summary = callbacks.create_summary_callback(config.summary_callback.kwargs())
     with _section("trainer", errors=Exception):  # also MisconfigurationException
+        stop = StopOnNonFiniteLoss(spec.name)
         trainer = Trainer(
-            **config.trainer.kwargs(),
-            callbacks=[checkpoint_cb, summary_cb, StopOnNonFiniteLoss(spec.name)],
+            **config.trainer.kwargs(), callbacks=[checkpoint, summary, stop]
         )
     # Now with the process count Lightning settled on (devices=auto, -1, ...).
-    check_batches(config.loader, config.criterion, len(dataset), trainer.world_size)
-    return Plan(config, module, trainer)
+    check_batches(config, len(dataset), trainer.world_size)
+    return config, module, trainer
 
 
 def fit(plan: Plan) -> TrainResult:
     """Trains a prepared run; reports its checkpoint as lightly-ssl-train does."""
-    config, module, trainer = plan.config, plan.module, plan.trainer
+    config, module, trainer = plan
     trainer.fit(module)
-    best = trainer.checkpoint_callback.best_model_path
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
     checkpoint = os.path.join(module.cwd, best) if best else ""
     module.checkpoint = checkpoint or None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -335,15 +298,9 @@ def fit(plan: Plan) -> TrainResult:
     return TrainResult(checkpoint, metrics, name)
 
 
-def train(
-    cfg: conf.TrainConfig | DictConfig | Mapping[str, Any], *, is_cli_call: bool = False
-) -> TrainResult:
+def train(cfg: conf.AnyConfig, *, is_cli_call: bool = False) -> TrainResult:
     """Trains like ``lightly-ssl-train`` with the loss ``criterion.name``, from a config
-    of :func:`load_config` (or a nested mapping merged onto the defaults).
-
-    Raises:
-        ValueError: For config errors, before training (TypeError for a
-            ``criterion.*`` key the loss does not take).
-        xclr_plugin.errors.NonFiniteLossError: If the loss becomes NaN or infinite.
-    """
+    of :func:`load_config` (or a nested mapping merged onto the defaults). Raises
+    ValueError for config errors before training (TypeError for a ``criterion.*`` key
+    the loss does not take), NonFiniteLossError if the loss becomes NaN or infinite."""
     return fit(prepare(cfg, is_cli_call=is_cli_call))

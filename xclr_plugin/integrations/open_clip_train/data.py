@@ -1,9 +1,7 @@
-"""Each training sample's caption-embedding row: looked up, and carried with its batch.
+"""Each sample's caption-embedding row: looked up, then carried with its batch.
 
-The CSV dataset appends the sample's row to its tokens, the webdataset pipeline the row
-of its ``__key__``; model hooks move it to the output dict (:data:`SAMPLE_INDEX_KEY`),
-which open_clip passes to the loss and, with ``--accum-freq``, concatenates like the
-features, so rows and features always line up.
+Datasets append the row to the tokens; model hooks move it to the output dict, which
+open_clip passes to the loss (and concatenates like the features under --accum-freq).
 """
 
 from __future__ import annotations
@@ -20,12 +18,7 @@ from torch import Tensor, nn
 
 from xclr_plugin import text
 from xclr_plugin.cache import CacheMismatchError, caption_lookup
-from xclr_plugin.captions import CaptionRecord
-from xclr_plugin.captions.shards import (
-    expand_shard_urls,
-    iter_webdataset_captions,
-    read_webdataset_captions,
-)
+from xclr_plugin.captions import CaptionRecord, shards
 from xclr_plugin.errors import UsageError
 from xclr_plugin.integrations.open_clip_train.options import (
     PROG,
@@ -40,12 +33,9 @@ SAMPLE_INDEX_KEY = "xclr_sample_index"
 
 
 def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
-    """The training data's caption embeddings (finite), by CSV row or ``__key__``.
-
-    Every key of local shards is checked to have a row before training, the keys of
-    other shards as they arrive (:class:`KeyToRow`).
-    """
-    kind, cache, encoder = train_data_kind(args), options.xclr_caption_cache, None
+    """The training data's checked caption embeddings, by CSV row or ``__key__``."""
+    kind, cache = train_data_kind(args), options.xclr_caption_cache
+    name = options.xclr_text_encoder
     if kind not in ("csv", "webdataset"):
         raise UsageError(
             "--xclr-target-mode captions needs each sample's caption: give a CSV/TSV "
@@ -62,9 +52,9 @@ def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
                 f"(--batch-size {args.batch_size} x {world_size()} process(es)); "
                 "open_clip drops incomplete batches and would train on nothing."
             )
-    elif cache is None or all(is_local(u) for u in expand_shard_urls(args.train_data)):
+    elif cache is None or all(map(is_local, shards.expand_shard_urls(args.train_data))):
         try:
-            records = read_webdataset_captions(args.train_data, progress=True)
+            records = shards.read_webdataset_captions(args.train_data, progress=True)
         except ValueError as err:
             raise UsageError(f"--train-data: {err}") from None
     else:
@@ -73,14 +63,12 @@ def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
             "against --xclr-caption-cache as it is loaded.",
             PROG,
         )
-    if options.xclr_text_encoder is not None:
-        encoder = text.encoder_name(options.xclr_text_encoder)
     try:
         return caption_lookup(
             records,
             cache,
             lambda: _text_encoder(options),
-            encoder_name=encoder,
+            encoder_name=name and text.encoder_name(name),
             build=False,
             subset=kind == "webdataset",
         )
@@ -95,7 +83,9 @@ def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
         if err.missing:  # webdataset: keys without a row
             key = err.missing[0]
             urls = (
-                u for k, _, u in iter_webdataset_captions(args.train_data) if k == key
+                u
+                for k, _, u in shards.iter_webdataset_captions(args.train_data)
+                if k == key
             )
             shard = next((f" (shard {u!r})" for u in urls), "")
             raise UsageError(
@@ -138,28 +128,27 @@ def _embed_command(options: Options, args: argparse.Namespace) -> str:
     words = ["xclr-embed-captions", data, "-o", out, "--format", "csv"]
     if kind == "webdataset":
         words = ["xclr-embed-captions", "--format", "webdataset", data, "-o", out]
-    defaults = {
+    keys = {
         "csv_separator": "\t",
         "csv_img_key": "filepath",
         "csv_caption_key": "title",
     }
-    for key, default in defaults.items() if kind == "csv" else ():
+    for key, default in keys.items() if kind == "csv" else ():
         if getattr(args, key) != default:
             words += [f"--{key.replace('_', '-')}", getattr(args, key)]
     return shlex.join(words + (["--encoder", encoder] if encoder else []))
 
 
 def _text_encoder(options: Options) -> text.TextEncoder:
+    device = options.xclr_text_device
     try:
         return text.TextEncoder(
-            options.xclr_text_encoder,
-            device=options.xclr_text_device,
-            show_progress=True,
+            options.xclr_text_encoder, device=device, show_progress=True
         )
     except (ImportError, OSError, ValueError, RuntimeError) as err:
         # RuntimeError: e.g. --xclr-text-device cuda without a usable GPU
         raise UsageError(
-            f"--xclr-text-encoder/--xclr-text-device {options.xclr_text_device!r}: "
+            f"--xclr-text-encoder/--xclr-text-device {device!r}: "
             f"cannot load the encoder: {err}"
         ) from None
 
@@ -171,7 +160,7 @@ def attach_sample_index_hooks(
     to the model's output dict, in training mode only."""
     pending: list[Tensor] = []
 
-    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def strip(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         pending.clear()  # open_clip's training loop calls model(images, texts)
         text = args[1] if len(args) >= 2 else None
         if not isinstance(text, Tensor) or text.shape[1:] != (context_length + 1,):
@@ -179,15 +168,12 @@ def attach_sample_index_hooks(
         pending.append(text[:, -1])
         return (args[0], text[:, :-1], *args[2:])
 
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def carry(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not pending or not module.training or not isinstance(output, dict):
             return None
         return {**output, SAMPLE_INDEX_KEY: pending.pop()}
 
-    return [
-        model.register_forward_pre_hook(pre_hook),
-        model.register_forward_hook(hook),
-    ]
+    return [model.register_forward_pre_hook(strip), model.register_forward_hook(carry)]
 
 
 def indexed_csv_dataset(base: type[Any]) -> type[Any]:
@@ -223,18 +209,12 @@ class KeyToRow:
 
 
 def keyed_get_wds_dataset(ocd: Any, lookup: Any) -> Callable[..., Any]:
-    """open_clip's ``get_wds_dataset`` whose training pipeline ends in :class:`KeyToRow`.
-
-    It replaces the last ``to_tuple("image", "text")``, after any shuffling, resampling,
-    worker or node split.
-    """
+    """``get_wds_dataset`` whose last ``to_tuple("image", "text")`` is :class:`KeyToRow`."""
     original = ocd.get_wds_dataset
 
-    def get_wds_dataset(
-        args: argparse.Namespace, preprocess: Any, is_train: bool, *a: Any, **kw: Any
-    ) -> Any:
+    def get_wds_dataset(args: Any, preprocess: Any, is_train: bool, **kw: Any) -> Any:
         if not is_train:  # evaluation data is not looked up in the training cache
-            return original(args, preprocess, is_train, *a, **kw)
+            return original(args, preprocess, is_train, **kw)
         to_tuple = ocd.wds.to_tuple
 
         def keyed(*keys: str, **kwargs: Any) -> Any:
@@ -243,6 +223,6 @@ def keyed_get_wds_dataset(ocd: Any, lookup: Any) -> Callable[..., Any]:
             return to_tuple(*keys, **kwargs)
 
         with mock.patch.object(ocd.wds, "to_tuple", keyed):
-            return original(args, preprocess, is_train, *a, **kw)
+            return original(args, preprocess, is_train, **kw)
 
     return get_wds_dataset

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from xclr_plugin import registry
 from xclr_plugin.errors import NonFiniteLossError, UsageError
 from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY
-from xclr_plugin.integrations.open_clip_train.options import PROG, Options
+from xclr_plugin.integrations.open_clip_train.options import Options
 
 
 def _finite(value: Any) -> bool:
@@ -20,11 +19,7 @@ def _finite(value: Any) -> bool:
 
 
 class FiniteLossCheck:
-    """Forward hook on the loss: stops training at the first non-finite loss.
-
-    open_clip alone would step with NaN gradients and save NaN checkpoints; this runs
-    before ``backward``, so no weight is changed by the bad step.
-    """
+    """Loss hook: stops at the first non-finite loss, before its ``backward``."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -91,6 +86,4 @@ def build_loss(
     if caption_embeddings is not None:
         loss = SampleCaptionTargets(loss, caption_embeddings)
     loss.register_forward_hook(FiniteLossCheck(), with_kwargs=True)
-    cache = options.xclr_caption_cache
-    logging.info(f"{PROG}: --loss {options.loss} -> {loss!r}, targets {mode} {cache}")
     return loss

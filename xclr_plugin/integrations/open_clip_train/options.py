@@ -1,7 +1,6 @@
 """The flags ``xclr-openclip-train`` adds to ``open_clip_train.main``, parsed and checked.
 
-:func:`check` refuses what open_clip would refuse only after creating ``logs/NAME`` (a
-re-run then says "Experiment already exists") or would loop on for ever (empty shards).
+:func:`check` refuses what open_clip would refuse only after creating ``logs/NAME``.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from xclr_plugin import registry
+from xclr_plugin.captions.shards import expand_shard_urls
 from xclr_plugin.errors import ArgumentParser, UsageError
 
 PROG = "xclr-openclip-train"
@@ -61,8 +61,8 @@ class Options:
     )
 
 
-def parser() -> ArgumentParser:
-    """The parser of this command's flags (open_clip's flags are not in it)."""
+def parse(argv: Sequence[str]) -> tuple[Options, list[str]]:
+    """Splits ``argv`` into this command's options and the arguments left for open_clip."""
     parser = ArgumentParser(
         prog=PROG,
         description="open_clip_train.main with --loss NAME (X-CLR and any registered "
@@ -75,12 +75,10 @@ def parser() -> ArgumentParser:
     for f in fields(Options):
         group = loss if f.name == "loss" else xclr
         group.add_argument(_dashed(f.name), default=f.default, **f.metadata)
-    return parser
-
-
-def parse(argv: Sequence[str]) -> tuple[Options, list[str]]:
-    """Splits ``argv`` into this command's options and the arguments left for open_clip."""
-    namespace, rest = parser().parse_known_args(list(argv))
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print("\nopen_clip_train.main arguments:\n")  # open_clip's parser prints them
+    namespace, rest = parser.parse_known_args(list(argv))
     return Options(**vars(namespace)), rest
 
 
@@ -90,10 +88,8 @@ def _dashed(name: str) -> str:
 
 def check(options: Options, args: argparse.Namespace) -> Options:
     """``options`` checked with open_clip's ``args``, ``xclr_target_mode`` resolved."""
-    name, xclr = options.loss, fields(options)[1:]
-    given = ", ".join(
-        _dashed(f.name) for f in xclr if getattr(options, f.name) != f.default
-    )
+    name, unset = options.loss, vars(Options(loss=options.loss))
+    given = ", ".join(_dashed(k) for k, v in vars(options).items() if v != unset[k])
     if name is None:
         if given:
             raise UsageError(f"{given} need --loss (e.g. --loss xclr-clip).")
@@ -177,24 +173,20 @@ def _is_image_text(name: str) -> bool:
 
 
 def world_size() -> int:
-    """The number of training processes (torchrun's ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun
 
 
 def train_data_kind(args: argparse.Namespace) -> str | None:
     """Which open_clip dataset ``--train-data`` selects (``get_dataset_fn``'s rule)."""
-    kind = args.dataset_type
-    if kind == "synthetic" or not args.train_data:
-        return "synthetic" if kind == "synthetic" else None
-    ext = str(args.train_data).split(".")[-1]
-    if kind == "auto":
+    kind, ext = args.dataset_type, str(args.train_data).split(".")[-1]
+    if kind == "auto" and args.train_data:
         kind = {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext)
     if kind is None:
         raise UsageError(
             f"--train-data {args.train_data!r}: open_clip cannot tell its type from the "
             f"extension {ext!r}; give --dataset-type csv or --dataset-type webdataset."
         )
-    return str(kind)
+    return str(kind) if kind == "synthetic" or args.train_data else None
 
 
 def is_local(url: str) -> bool:
@@ -204,10 +196,10 @@ def is_local(url: str) -> bool:
 
 
 def _hf_text(args: argparse.Namespace) -> bool:
-    """Whether ``--model`` has a Hugging Face text tower (unknown names: no)."""
-    try:
-        from open_clip import get_model_config
+    """Whether ``--model`` has a Hugging Face text tower (unknown or unreadable: no)."""
+    from open_clip import get_model_config
 
+    try:
         return bool((get_model_config(args.model) or {})["text_cfg"]["hf_model_name"])
     except Exception:
         return False
@@ -215,8 +207,6 @@ def _hf_text(args: argparse.Namespace) -> bool:
 
 def _check_shards(args: argparse.Namespace) -> None:
     from open_clip_train.data import get_dataset_size
-
-    from xclr_plugin.captions.shards import expand_shard_urls
 
     try:
         shards = expand_shard_urls(args.train_data)

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
@@ -21,42 +21,9 @@ from xclr_plugin.integrations.open_clip_train.loss import build_loss
 from xclr_plugin.integrations.open_clip_train.options import PROG, Options, check
 
 
-def require_open_clip_3() -> None:
-    """Refuses an open_clip other than 3.x or one lacking the globals patched here."""
-    try:
-        import open_clip
-        import open_clip_train.data as ocd
-        import open_clip_train.main as ocm
-    except ImportError as err:
-        raise UsageError(
-            f"{PROG} needs open_clip_torch 3.x with its training extra ({err}). Install "
-            'it: pip install "xclr-plugin[openclip]"'
-        ) from err
-    version = str(getattr(open_clip, "__version__", "unknown"))
-    patched = {
-        ocm: ("main", "parse_args", "create_loss", "create_model_and_transforms"),
-        ocd: ("CsvDataset", "get_wds_dataset"),
-    }
-    missing = [
-        f"{m.__name__}.{n}"
-        for m, ns in patched.items()
-        for n in ns
-        if not hasattr(m, n)
-    ]
-    if version.split(".")[0] != "3" or missing:
-        raise UsageError(
-            f"{PROG} supports open_clip_torch 3.x (the open_clip_train.main API it "
-            f"patches), found {version}{' lacking ' * bool(missing)}{', '.join(missing)}. "
-            'Install a supported version: pip install "open_clip_torch[training]>=3.3,<4".'
-        )
-
-
 @contextlib.contextmanager
 def preserve_logging() -> Iterator[None]:
-    """Undoes ``setup_logging``'s root handlers (``out.log``) and logger levels.
-
-    Without this, runs in one process (tests, notebooks) log into each other's files.
-    """
+    """Undoes ``setup_logging``'s root handlers and levels (runs in one process)."""
     handlers = list(logging.root.handlers)
     names = ["", *logging.root.manager.loggerDict]
     levels = {name: logging.getLogger(name).level for name in names}
@@ -71,16 +38,24 @@ def preserve_logging() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def patch_open_clip_train(options: Options) -> Iterator[None]:
-    """Patches ``open_clip_train`` for ``options`` while the block runs.
-
-    ``parse_args`` stores the options on ``args`` (so ``params.txt`` shows them) and
-    checks them; ``--loss`` patches ``create_loss`` and, in captions mode, what carries
-    the rows: ``create_model_and_transforms``, ``CsvDataset``, ``get_wds_dataset``.
-    """
-    require_open_clip_3()
-    import open_clip_train.data as ocd
-    import open_clip_train.main as ocm
+def patch_open_clip_train(options: Options) -> Iterator[Callable[..., Any]]:
+    """Patches ``open_clip_train`` for ``options`` while the block runs; gives its main."""
+    try:
+        import open_clip
+        import open_clip_train.data as ocd
+        import open_clip_train.main as ocm
+    except ImportError as err:
+        raise UsageError(
+            f"{PROG} needs open_clip_torch 3.x with its training extra ({err}). Install "
+            'it: pip install "xclr-plugin[openclip]"'
+        ) from err
+    version = str(getattr(open_clip, "__version__", "unknown"))
+    if version.split(".")[0] != "3":
+        raise UsageError(
+            f"{PROG} supports open_clip_torch 3.x (the open_clip_train.main API it "
+            f"patches), found {version}. Install a supported version: pip install "
+            '"open_clip_torch[training]>=3.3,<4".'
+        )
 
     with contextlib.ExitStack() as stack:
 
@@ -89,7 +64,7 @@ def patch_open_clip_train(options: Options) -> Iterator[None]:
 
         def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             args: argparse.Namespace = original_parse_args(argv)
-            vars(args).update(dataclasses.asdict(options))
+            vars(args).update(dataclasses.asdict(options))  # shown in params.txt
             checked = check(options, args)
             args.xclr_target_mode = mode = checked.xclr_target_mode
             if checked.loss is None:
@@ -108,7 +83,7 @@ def patch_open_clip_train(options: Options) -> Iterator[None]:
         original_parse_args = ocm.parse_args
         stack.enter_context(preserve_logging())
         patch(ocm, "parse_args", parse_args)
-        yield
+        yield ocm.main
 
 
 def _with_hooks(ocm: Any) -> Any:
@@ -118,7 +93,7 @@ def _with_hooks(ocm: Any) -> Any:
     def create_model_and_transforms(*args: Any, **kwargs: Any) -> Any:
         created = original(*args, **kwargs)  # once: a distill teacher is refused
         context_length = int(getattr(created[0], "context_length", 0) or 0)
-        if context_length <= 0:
+        if context_length <= 0:  # e.g. a Hugging Face text tower without one
             raise UsageError(
                 f"--xclr-target-mode captions: the model {args[0] if args else ''!r} "
                 "reports no context_length, needed to carry sample indices; use "
