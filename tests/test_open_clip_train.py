@@ -402,6 +402,22 @@ def nan_cache(data: Data) -> Path:
             "--xclr-text-device 'cuda:99': cannot load the encoder",
         ),
         (["--loss", "xclr-clip", "--batch-size", "25"], "fewer than one global batch"),
+        (
+            ["--loss", "clip", "--distill-model", TINY, "--distill-pretrained", "x"],
+            "cannot be combined with --distill-model/--distill-pretrained",
+        ),
+        (["--loss", "clip", "--model", "coca_ViT-B-32"], "does not support CoCa"),
+        (
+            [
+                "--loss",
+                "xclr-clip",
+                "--xclr-target-mode",
+                "clip-text",
+                "--xclr-caption-cache",
+                "OTHER",
+            ],
+            "--xclr-caption-cache is only used with --xclr-target-mode captions",
+        ),
     ],
 )
 def test_bad_input_fails_before_training(
@@ -551,3 +567,15 @@ def test_amp_bf16_captions_mode(data: Data, probe: Probe) -> None:
     tuned = state_dict(checkpoint(data, name))
     assert all(torch.isfinite(v).all() for v in tuned.values() if v.is_floating_point())
     assert_loads_back(TINY, checkpoint(data, name))
+
+
+def test_a_batch_without_sample_indices_is_refused_by_name() -> None:
+    """Captions mode never trains without targets: a missing index is a clear error."""
+    wrapped = SampleCaptionTargets(XCLRClipLoss(), torch.randn(8, 4))
+    features = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="No 'xclr_sample_index' reached the loss"):
+        wrapped(
+            image_features=features,
+            text_features=features,
+            logit_scale=torch.tensor(1.0),
+        )

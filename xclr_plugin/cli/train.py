@@ -1,8 +1,5 @@
-"""``xclr-train``: ``lightly-ssl-train`` plus ``criterion.name``, a hydra command.
-
-A config error prints one line ``xclr-train: error: ...`` and exits with status 2
-before training; a non-finite loss exits with status 1.
-"""
+"""``xclr-train``, a hydra command: a config error prints one line ``xclr-train: error:
+...`` and exits with status 2 before training; a non-finite loss exits with 1."""
 
 import sys
 from functools import partial

@@ -1,9 +1,7 @@
-"""The ``xclr-train`` config: composed by hydra, typed (an OmegaConf structured config)
-and range-checked once. Keys a section does not declare go to its ``extra`` and are
-passed on with it (``+trainer.log_every_n_steps=1``, a loss's own arguments)."""
+"""The ``xclr-train`` config, typed (an OmegaConf structured config) and checked once;
+keys a section does not declare go to its ``extra`` and are passed on with it."""
 
 import math
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ CONFIG_DIR = Path(__file__).parent
 CONFIG_NAME = "xclr_train"
 #: Paths: empty means None; relative to the caller's folder on the command line.
 _PATHS = {"input_dir", "checkpoint", "captions.source", "captions.cache_dir"}
+_EPOCHS = ">= 1, or -1 for no limit"
+_NO_EPOCHS = f"{_EPOCHS} (0 trains nothing and writes no checkpoint)"
 
 
 def _rule(default: Any, test: Callable[[Any], bool], expected: str) -> Any:
@@ -96,10 +96,6 @@ class LoaderConfig(Section):
     drop_last: bool = True
 
 
-_EPOCHS = ">= 1, or -1 for no limit"
-_NO_EPOCHS = f"{_EPOCHS} (0 trains nothing and writes no checkpoint)"
-
-
 @dataclass
 class TrainerConfig(Section):
     """Lightning ``Trainer`` arguments; ``gpus`` as lightly-ssl-train reads it."""
@@ -113,8 +109,7 @@ class TrainerConfig(Section):
     num_nodes: int = _at_least(1, 1)
 
     def kwargs(self) -> dict[str, Any]:
-        """lightly-ssl-train's choice (GPU if there is one, DDP over ``gpus`` GPUs),
-        overridden by ``accelerator`` / ``devices`` / ``strategy`` where set."""
+        """lightly-ssl-train's choice (GPU if any, DDP over ``gpus``) unless set."""
         kwargs = super().kwargs()
         gpu, gpus = torch.cuda.is_available(), kwargs.pop("gpus") or 1
         many = gpu and gpus > 1
@@ -188,8 +183,7 @@ AnyConfig = TrainConfig | DictConfig | Mapping[str, Any]
 def load_config(
     overrides: Sequence[str] = (), updates: Mapping[str, Any] | None = None
 ) -> DictConfig:
-    """The config as the command line composes it from hydra ``overrides`` (an unknown
-    key raises hydra's error), with nested ``updates`` merged on top."""
+    """The config as the command line composes it, with nested ``updates`` on top."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
     if updates:
@@ -199,16 +193,11 @@ def load_config(
 
 def _split(cls: Any, values: Mapping[Any, Any]) -> dict[str, Any]:
     """``values`` with the keys that dataclass ``cls`` does not declare in ``extra``."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {"extra": {}}
-    for key, value in values.items():
-        kind = hints.get(key) if key != "extra" else None
-        if kind is None:
-            out["extra"][key] = value
-        elif is_dataclass(kind) and isinstance(value, Mapping):
-            out[key] = _split(kind, value)
-        else:
-            out[key] = value
+    kinds = {f.name: f.type for f in fields(cls) if f.name != "extra"}
+    out: dict[str, Any] = {"extra": {k: v for k, v in values.items() if k not in kinds}}
+    for key in [k for k in values if k in kinds]:
+        nested = is_dataclass(kinds[key]) and isinstance(values[key], Mapping)
+        out[key] = _split(kinds[key], values[key]) if nested else values[key]
     return out
 
 
@@ -230,8 +219,7 @@ def _check(section: Any, prefix: str, is_cli_call: bool) -> None:
 
 def parse_config(cfg: AnyConfig, *, is_cli_call: bool = False) -> TrainConfig:
     """Types and checks a config once (ValueError naming the first bad key); a plain
-    mapping is merged onto the defaults; ``is_cli_call`` resolves relative paths
-    against hydra's original working folder."""
+    mapping is merged onto the defaults; ``is_cli_call``: paths as on the CLI."""
     if isinstance(cfg, TrainConfig):
         return cfg
     plain = OmegaConf.to_container(

@@ -61,8 +61,7 @@ def list_images(input_dir: str | None) -> LightlyDataset:
 
 
 def verify_images(input_dir: str, filenames: Sequence[str]) -> None:
-    """Opens and verifies every image with PIL (for PNG every chunk and its CRC; JPEG
-    scan data is not decoded), naming the first unreadable one."""
+    """Opens and verifies every image with PIL, naming the first unreadable one."""
     bad = {}
     for path in (os.path.join(input_dir, name) for name in filenames):
         if path.lower().endswith(IMG_EXTENSIONS):  # videos: lightly's own reader
@@ -90,18 +89,16 @@ def check_loss(criterion: conf.CriterionConfig) -> LossSpec:
     spec = loss_info(criterion.name)
     if spec.inputs != "two-view":
         raise ValueError(
-            f"criterion.name={spec.name} is an image-text loss (forward(image_features, "
-            "text_features, logit_scale, ...)); xclr-train trains lightly's two-view "
-            "SimCLR model and needs a two-view loss such as ntxent, xclr or supcon. "
-            "Train image-text losses with the open_clip integration (xclr-openclip-train)."
+            f"criterion.name={spec.name} is an image-text loss; xclr-train trains "
+            "lightly's two-view SimCLR model and needs a two-view loss such as ntxent, "
+            "xclr or supcon. Train image-text losses with xclr-openclip-train."
         )
     accepted = parameter_names(spec.load())  # None: it takes **kwargs
     given = criterion.loss_kwargs()
-    rejected = [k for k in given if accepted is not None and k not in accepted]
-    if rejected:
+    if accepted is not None and (rejected := [k for k in given if k not in accepted]):
         raise TypeError(
             f"criterion.name={spec.name} ({spec.value}) does not take {_keys(rejected)}."
-            f" It accepts: {_keys(accepted or []) or 'no arguments'}."
+            f" It accepts: {_keys(accepted) or 'no arguments'}."
         )
     return spec
 
@@ -153,9 +150,8 @@ def _read_records(captions: conf.CaptionsConfig, input_dir: str) -> list[Caption
 def _align(
     records: Sequence[CaptionRecord], filenames: Sequence[str], input_dir: str
 ) -> list[CaptionRecord]:
-    """The records in the order of the images, named as ``LightlyDataset`` names them:
-    a record path that is an image name of ``input_dir`` as is, any other as open_clip
-    reads it (absolute, or relative to the working directory)."""
+    """The records in the images' order: a path naming an image of ``input_dir`` as
+    is, any other as open_clip reads it (absolute, or relative to the cwd)."""
     known = {Path(name).as_posix() for name in filenames}
     by_name: dict[str, CaptionRecord] = {}
     for record in records:
@@ -218,19 +214,16 @@ def make_targets(
                 f"{input_dir} has {len(classes)} class folder(s); at least 2 are needed."
             )
         return XCLRCollate(use_labels=True), "labels"
-    records = _align(
-        _read_records(config.captions, input_dir), dataset.get_filenames(), input_dir
-    )
+    records = _read_records(config.captions, input_dir)
+    records = _align(records, dataset.get_filenames(), input_dir)
     return XCLRCollate(_embeddings(records, config.captions)), "captions"
 
 
 def prepare_targets(
     cfg: conf.AnyConfig, *, is_cli_call: bool = False
 ) -> tuple[Any, str]:
-    """Checks the config for its loss and returns ``(collate_fn, kind)``: lightly's
-    ``MultiViewCollate`` and ``"none"``, or an ``XCLRCollate`` with the caption
-    embeddings (``"captions"``) or ``use_labels=True`` (``"labels"``). Raises
-    ValueError (TypeError for a ``criterion.*`` key the loss does not take)."""
+    """Checks the config for its loss: ``(collate_fn, kind)``, kind ``"none"``,
+    ``"labels"`` or ``"captions"`` (ValueError or TypeError as :func:`train`)."""
     config = conf.parse_config(cfg, is_cli_call=is_cli_call)
     spec = check_loss(config.criterion)
     return make_targets(config, spec, list_images(config.input_dir))

@@ -1,6 +1,5 @@
-"""A run of ``xclr-train``: :func:`prepare` builds each piece once, in the order of
-lightly-ssl-train (``lightly.cli.train_cli._train_cli``, so the random stream is the
-same), checking in between, the trainer (which logs) last; :func:`fit` trains."""
+"""A run of ``xclr-train``: :func:`prepare` checks and builds it in lightly-ssl-train's
+order (so the random stream is the same), the trainer (which logs) last; then fit."""
 
 import copy
 import math
@@ -23,6 +22,7 @@ from lightly.models.batchnorm import get_norm_layer
 from lightly.transforms import SimCLRTransform
 from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from xclr_plugin.errors import NonFiniteLossError
 from xclr_plugin.integrations.lightly_train import config as conf
@@ -48,8 +48,7 @@ def build_model(model: conf.ModelConfig) -> nn.Module:
 
 
 class TargetEmbedding(SelfSupervisedEmbedding):  # type: ignore[misc]
-    """lightly's ``SelfSupervisedEmbedding`` whose loss also gets the batch's targets
-    (caption embeddings or labels): ``criterion(out0, out1, targets)``."""
+    """lightly's ``SelfSupervisedEmbedding``; its loss gets ``(out0, out1, targets)``."""
 
     def training_step(self, batch: tuple[Any, Tensor, Any], batch_idx: int) -> Tensor:
         (x0, x1), targets, _ = batch
@@ -67,7 +66,7 @@ class StopOnNonFiniteLoss(Callback):  # type: ignore[misc]
         self.loss_name = loss_name
 
     def on_before_backward(
-        self, trainer: Trainer, _: LightningModule, loss: Tensor
+        self, trainer: Trainer, pl_module: LightningModule, loss: Tensor
     ) -> None:
         finite = bool(torch.isfinite(loss.detach()).all())
         if trainer.strategy.reduce_boolean_decision(not finite, all=False):
@@ -84,8 +83,7 @@ class StopOnNonFiniteLoss(Callback):  # type: ignore[misc]
 
 @dataclass
 class TrainResult:
-    """The best (with lightly's defaults: the last) checkpoint, "" if none was written;
-    the trainer's final logged metrics (``{"loss": 4.1}``); the loss name."""
+    """The best (lightly's default: last) checkpoint or "", final metrics, loss name."""
 
     checkpoint: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -97,19 +95,19 @@ Plan = tuple[conf.TrainConfig, SelfSupervisedEmbedding, Trainer]
 
 
 @contextmanager
-def _section(key: str, hint: str = "", errors: Any = ValueError) -> Iterator[None]:
-    """Reports a failure (``errors``, TypeError, ValueError) to build a config
-    section's piece as a config error, naming the error's type unless it is those."""
+def _section(key: str, hint: str = "", *errors: type[Exception]) -> Iterator[None]:
+    """Re-raises ``errors``, TypeError and ValueError as a config error of ``key``."""
+    caught: tuple[type[Exception], ...] = (*errors, TypeError, ValueError)
     try:
         yield
-    except (errors, TypeError, ValueError) as err:
+    except caught as err:
         kind = "" if isinstance(err, (TypeError, ValueError)) else type(err).__name__
         raise ValueError(f"{key}: {kind}{': ' if kind else ''}{err}{hint}") from None
 
 
 def check_batches(config: conf.TrainConfig, count: int, world: int | None) -> None:
-    """Refuses batches that cannot be contrasted or never fill (``world=None``: the
-    process count is not known yet, checked again once the trainer is built)."""
+    """Refuses batches that cannot be contrasted or never fill on ``world`` processes
+    (None: not known yet, checked again once the trainer is built)."""
     loader, criterion = config.loader, config.criterion
     gather = bool(criterion.gather_distributed)
     if world is None and gather:
@@ -139,9 +137,7 @@ def _state_dict(config: conf.TrainConfig) -> dict[str, Any] | None:
     checkpoint, source = config.checkpoint, f"checkpoint={config.checkpoint}"
     if config.pre_trained and not checkpoint:
         checkpoint, key = lightly_cli.get_ptmodel_from_config(config.model.kwargs())
-        source = (
-            "pre_trained=true downloads them; pre_trained=false trains from scratch"
-        )
+        source = "pre_trained=true downloads them (pre_trained=false: from scratch)"
         if not checkpoint:
             warnings.warn(
                 f"Cannot download checkpoint for key {key} because it does not exist! "
@@ -153,14 +149,13 @@ def _state_dict(config: conf.TrainConfig) -> dict[str, Any] | None:
     url = lightly_cli.is_url(checkpoint)
     load = lightly_cli.load_state_dict_from_url if url else torch.load
     hint = f" (cannot load the starting weights: {source})"
-    with _section("checkpoint", hint, (OSError, RuntimeError, KeyError)):
+    with _section("checkpoint", hint, OSError, RuntimeError, KeyError):
         state: dict[str, Any] = load(checkpoint, map_location="cpu")["state_dict"]
     return state
 
 
 def _trial_step(config: conf.TrainConfig, module: SelfSupervisedEmbedding) -> None:
-    """Sets the dataset's transform and runs transform, model and loss once on two
-    images, on copies (batch-norm statistics and a loss's memory bank stay as built):
+    """Sets the transform, runs it, a copy of the model and of the loss on two images:
     finds what only shows when the pieces meet, e.g. too small an input size."""
     stage, loader = "collate", module.dataloader
     try:
@@ -181,8 +176,7 @@ def _trial_step(config: conf.TrainConfig, module: SelfSupervisedEmbedding) -> No
 
 
 def _settle_gather(config: conf.TrainConfig) -> int | None:
-    """The process count asked for; drops ``criterion.gather_distributed`` (with a
-    warning) where it cannot gather, warns where it is missing."""
+    """The process count asked for; warns where gathering is missing or useless."""
     criterion, world = config.criterion, config.trainer.world_size()
     ddp = str(config.trainer.kwargs()["strategy"]).startswith("ddp")
     if criterion.gather_distributed and world == 1 and not ddp:
@@ -237,19 +231,15 @@ def prepare(cfg: conf.AnyConfig, *, is_cli_call: bool = False) -> Plan:
         criterion = create_loss(spec.name, **config.criterion.loss_kwargs())
     with _section("optimizer", " (optimizer.* is passed to torch.optim.SGD)"):
         optimizer = torch.optim.SGD(model.parameters(), **config.optimizer.kwargs())
-    loader = {
-        **config.loader.kwargs(),
-        "batch_size": min(config.loader.batch_size, len(dataset)),
-    }
+    loader = config.loader.kwargs()
+    loader["batch_size"] = min(loader["batch_size"], len(dataset))
     if loader["num_workers"] < 0:
         loader["num_workers"] = lightly_cli.cpu_count()
     # The caption encoder and the trial step must not move torch's random stream.
     with torch.random.fork_rng(devices=[]):
         collate_fn, kind = make_targets(config, spec, dataset)
         with _section("loader", " (loader.* is passed to torch.utils.data.DataLoader)"):
-            dataloader = torch.utils.data.DataLoader(
-                dataset, **loader, collate_fn=collate_fn
-            )
+            dataloader = DataLoader(dataset, **loader, collate_fn=collate_fn)
         module_cls = SelfSupervisedEmbedding if kind == "none" else TargetEmbedding
         module = module_cls(model, criterion, optimizer, dataloader)
         _trial_step(config, module)
@@ -260,15 +250,13 @@ def prepare(cfg: conf.AnyConfig, *, is_cli_call: bool = False) -> Plan:
 
     # lightly's SelfSupervisedEmbedding.train_embedding, with one more callback.
     with _section("checkpoint_callback"):
-        checkpoint = callbacks.create_checkpoint_callback(
+        ckpt = callbacks.create_checkpoint_callback(
             **config.checkpoint_callback.kwargs()
         )
     summary = callbacks.create_summary_callback(config.summary_callback.kwargs())
-    with _section("trainer", errors=Exception):  # also MisconfigurationException
+    with _section("trainer", "", Exception):  # also MisconfigurationException
         stop = StopOnNonFiniteLoss(spec.name)
-        trainer = Trainer(
-            **config.trainer.kwargs(), callbacks=[checkpoint, summary, stop]
-        )
+        trainer = Trainer(**config.trainer.kwargs(), callbacks=[ckpt, summary, stop])
     # Now with the process count Lightning settled on (devices=auto, -1, ...).
     check_batches(config, len(dataset), trainer.world_size)
     return config, module, trainer
@@ -292,9 +280,8 @@ def fit(plan: Plan) -> TrainResult:
         )
         if "loss" in metrics:
             print(f"Final training loss ({name}): {metrics['loss']:.6f}")
-    os.environ[config.environment_variable_names["lightly_last_checkpoint_path"]] = (
-        checkpoint
-    )
+    env = config.environment_variable_names["lightly_last_checkpoint_path"]
+    os.environ[env] = checkpoint
     return TrainResult(checkpoint, metrics, name)
 
 

@@ -56,7 +56,13 @@ class SampleCaptionTargets(nn.Module):
         self.caption_embeddings = caption_embeddings
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        indices = kwargs.pop(SAMPLE_INDEX_KEY)  # put there by the model's hooks
+        indices = kwargs.pop(SAMPLE_INDEX_KEY, None)  # put there by the model's hooks
+        if indices is None:  # e.g. a tokenizer whose context length the hooks missed
+            raise RuntimeError(
+                f"No {SAMPLE_INDEX_KEY!r} reached the loss: captions mode needs the "
+                "sample-index hooks of xclr-plugin on the model (run through "
+                "xclr-openclip-train / patch_open_clip_train)."
+            )
         targets = self.caption_embeddings[indices.long().cpu()]
         targets = torch.as_tensor(targets).to(device=indices.device)
         return self.loss(*args, targets=targets, **kwargs)

@@ -56,7 +56,6 @@ def patch_open_clip_train(options: Options) -> Iterator[Callable[..., Any]]:
             f"patches), found {version}. Install a supported version: pip install "
             '"open_clip_torch[training]>=3.3,<4".'
         )
-
     with contextlib.ExitStack() as stack:
 
         def patch(module: Any, name: str, value: Any) -> None:
