@@ -7,29 +7,12 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, ImageDraw
 
-# The open_clip model of the docs' commands (`--model "$MODEL"`): a 32-pixel ViT.
+# The open_clip model of the docs' commands (`--model "$MODEL"`): the tests' 32-pixel ViT
+# (its config is _openclip_helpers.TINY_CFG).
 TINY_MODEL = "xclr-docs-tiny"
-TINY_CONFIG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 32,
-        "layers": 2,
-        "width": 64,
-        "head_width": 32,
-        "patch_size": 8,
-    },
-    "text_cfg": {
-        "context_length": 32,
-        "vocab_size": 49408,
-        "width": 64,
-        "heads": 2,
-        "layers": 2,
-    },
-}
 COLORS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 

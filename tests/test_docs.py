@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from _docs_data import CHECKPOINT, TINY_CONFIG, TINY_MODEL, write_tiny_data
+from _docs_data import CHECKPOINT, TINY_MODEL, write_tiny_data
 from _docs_server import prelude, receive, send, write_shims
+from _openclip_helpers import TINY_CFG
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -214,7 +215,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("docs")
     configs = root / "open_clip_configs"
     configs.mkdir()
-    (configs / f"{TINY_MODEL}.json").write_text(json.dumps(TINY_CONFIG))
+    (configs / f"{TINY_MODEL}.json").write_text(json.dumps(TINY_CFG))
     write_shims(root / "bin")
     (root / "bash_state.sh").write_text(BASH_STATE_SCRIPT)
     path = str(root / "server.sock")
