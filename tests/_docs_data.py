@@ -8,7 +8,8 @@ import json
 import tarfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from _openclip_helpers import draw
+from PIL import Image
 
 # The open_clip model of the docs' commands (`--model "$MODEL"`): the tests' 32-pixel ViT
 # (its config is _openclip_helpers.TINY_CFG).
@@ -25,26 +26,10 @@ torch.save({"epoch": 32, "state_dict": model.state_dict()}, "checkpoints/epoch_3
 """
 
 
-def _draw(shape: str, color: str, size: int = 32) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    pen = ImageDraw.Draw(image)
-    box = (5, 5, size - 5, size - 5)
-    if shape == "circle":
-        pen.ellipse(box, fill=color)
-    elif shape == "square":
-        pen.rectangle(box, fill=color)
-    elif shape == "triangle":
-        pen.polygon([(size // 2, 4), (size - 4, size - 4), (4, size - 4)], fill=color)
-    else:
-        pen.rectangle((size // 2 - 4, 4, size // 2 + 4, size - 4), fill=color)
-        pen.rectangle((4, size // 2 - 4, size - 4, size // 2 + 4), fill=color)
-    return image
-
-
 def _samples() -> list[tuple[Image.Image, str, int]]:
     """16 drawn images with distinct captions and their shape as label."""
     return [
-        (_draw(shape, color), f"a {color} {shape} on white", k)
+        (draw(shape, color, size=32), f"a {color} {shape} on white", k)
         for k, shape in enumerate(SHAPES)
         for color in COLORS
     ]
