@@ -42,17 +42,24 @@ def main() -> int:
 
     import open_clip
     import open_clip_train.main as ocm
+    from _openclip_helpers import rows_of, shard_table
 
     import xclr_plugin.clip_loss as xcl
+    from xclr_plugin.cache import CaptionCache
     from xclr_plugin.cli.openclip_train import main as openclip_train
-    from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY
-    from xclr_plugin.integrations.open_clip_train.loss import SampleCaptionTargets
+    from xclr_plugin.integrations.open_clip_train.data import TARGETS_KEY
+    from xclr_plugin.integrations.open_clip_train.loss import CaptionTargets
 
     open_clip.add_model_config(configs)
     rank = int(os.environ["RANK"])
     train = argv[argv.index("--train-data") + 1]
-    with open(train, newline="") as f:
-        captions = [row["title"] for row in csv.DictReader(f, delimiter="\t")]
+    cache_dir = argv[argv.index("--xclr-caption-cache") + 1]
+    if "webdataset" in argv:
+        captions, table = shard_table(cache_dir, train)
+    else:
+        with open(train, newline="") as f:
+            captions = [row["title"] for row in csv.DictReader(f, delimiter="\t")]
+        table = CaptionCache.open(cache_dir)[:]
     model_name = argv[argv.index("--model") + 1]
     tokenizer = open_clip.get_tokenizer(model_name)
     calls: list[dict[str, Any]] = []
@@ -74,16 +81,14 @@ def main() -> int:
 
     shift = os.environ.get("XCLR_TEST_SHIFT_RANK")
     if shift is not None and int(shift) == rank:
-        lookup = SampleCaptionTargets.forward
+        lookup = CaptionTargets.forward
 
         def shifted(self: Any, *args: Any, **kwargs: Any) -> Any:
-            key = SAMPLE_INDEX_KEY
-            kwargs[key] = kwargs[key].roll(
-                1
-            )  # each sample gets its neighbour's caption
+            # each sample gets its neighbour's caption
+            kwargs[TARGETS_KEY] = kwargs[TARGETS_KEY].roll(1, dims=0)
             return lookup(self, *args, **kwargs)
 
-        SampleCaptionTargets.forward = shifted  # type: ignore[method-assign]
+        CaptionTargets.forward = shifted  # type: ignore[method-assign]
 
     original = ocm.train_one_epoch
 
@@ -92,7 +97,7 @@ def main() -> int:
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
         def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-            ids = kwargs[SAMPLE_INDEX_KEY].detach().clone()
+            ids = torch.tensor(rows_of(kwargs[TARGETS_KEY].detach(), table))
             with torch.no_grad():
                 want = inner_model.encode_text(
                     tokenizer([captions[i] for i in ids]), normalize=True

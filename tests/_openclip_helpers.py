@@ -136,7 +136,7 @@ class Probe:
     """Records every loss call of open_clip's training loop: inputs and output.
 
     ``inner`` also records the keyword arguments the wrapped loss receives (the
-    ``targets`` that :class:`SampleCaptionTargets` looked up).
+    ``targets`` that :class:`CaptionTargets` passes on).
     """
 
     on_call: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None
@@ -186,3 +186,25 @@ def install_probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
 
     monkeypatch.setattr(ocm, "train_one_epoch", train_one_epoch)
     return probe
+
+
+def rows_of(targets: torch.Tensor, table: torch.Tensor) -> list[int]:
+    """The row of ``table`` each target equals bit for bit (each must equal exactly one)."""
+    same = (targets[:, None, :] == table[None, :, :]).all(dim=-1)
+    assert bool((same.sum(dim=1) == 1).all()), "a target equals no row (or several)"
+    return same.float().argmax(dim=1).tolist()
+
+
+def shard_table(cache_dir: str | Path, urls: str) -> tuple[list[str], torch.Tensor]:
+    """Every sample's caption and its row as training gets it from a shard cache."""
+    from xclr_plugin.cache.shards import ShardCache
+    from xclr_plugin.captions.shards import expand_shard_urls, read_shard
+
+    shards = list(dict.fromkeys(expand_shard_urls(urls)))
+    cache = ShardCache.open(cache_dir, shards)
+    captions, rows = [], []
+    for url in shards:
+        for key, caption in read_shard(url):
+            captions.append(caption)
+            rows.append(torch.from_numpy(cache.target(url, key, caption)))
+    return captions, torch.stack(rows)

@@ -26,10 +26,18 @@ from typing import Any
 import pytest
 import torch
 from _clip_helpers import dense_xclr_clip
-from _openclip_helpers import TINY, common_args, register_tiny, samples
+from _openclip_helpers import (
+    TINY,
+    common_args,
+    register_tiny,
+    samples,
+    shard_table,
+    write_shards,
+)
 
 from xclr_plugin.cache import CaptionCache, build_caption_cache
 from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.cli.embed_captions import main as embed_main
 from xclr_plugin.text import TextEncoder
 
 pytestmark = pytest.mark.distributed
@@ -65,16 +73,20 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 
 
 def torchrun(
-    data: Data, name: str, *extra: str, env: dict[str, str] | None = None
+    data: Data,
+    name: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    train: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs the worker on 2 gloo processes; returns each rank's records."""
     out = data.root / name
     out.mkdir()
+    csv = ["--train-data", str(data.train), "--dataset-type", "csv", "--workers", "0",
+           "--xclr-caption-cache", str(data.cache)]  # fmt: skip
     args = [
-        "--train-data", str(data.train), "--dataset-type", "csv", "--workers", "0",
-        *common_args(data.root / "logs", name, *extra),
-        "--loss", "xclr-clip", "--xclr-caption-cache", str(data.cache),
-        "--xclr-target-temperature", str(TAU_S),
+        *(train or csv), *common_args(data.root / "logs", name, *extra),
+        "--loss", "xclr-clip", "--xclr-target-temperature", str(TAU_S),
     ]  # fmt: skip
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -96,13 +108,16 @@ def torchrun(
 
 def misalignments(
     ranks: list[dict[str, Any]],
-    cache: CaptionCache,
+    cache: CaptionCache | torch.Tensor,
     local_loss: bool,
     caption_ids: Callable[[int, torch.Tensor], torch.Tensor] = lambda rank, ids: ids,
+    resampled: bool = False,
 ) -> list[str]:
     """Every way in which the recorded loss inputs do not line up; empty if aligned.
 
-    ``caption_ids(rank, ids)``: the samples whose captions are expected for ``ids``.
+    ``cache``: the caption row of each sample id. ``caption_ids(rank, ids)``: the
+    samples whose captions are expected for ``ids``. ``resampled``: a sample may
+    come twice.
     """
     problems: list[str] = []
     calls = [r["calls"] for r in ranks]
@@ -113,7 +128,7 @@ def misalignments(
         caption_global = torch.cat(
             [caption_ids(r, h["ids"]) for r, h in enumerate(here)]
         )
-        if len(set(global_ids.tolist())) != len(global_ids):
+        if not resampled and len(set(global_ids.tolist())) != len(global_ids):
             problems.append(f"call {step}: a sample on two ranks")
         for rank, h in enumerate(here):
             where = f"call {step}, rank {rank}"
@@ -190,3 +205,23 @@ def test_shifted_captions_on_one_rank_are_caught(data: Data) -> None:
         caption_ids=lambda rank, ids: ids.roll(1) if rank == 1 else ids,
     )
     assert shifted == []
+
+
+def test_two_processes_webdataset_resampled_with_workers(data: Data) -> None:
+    """Shards, --dataset-resampled, 2 workers per rank: every sample's own caption."""
+    shards = data.root / "shards"
+    write_shards(shards, shards=4, per_shard=8)
+    urls, cache = f"{shards}/{{00000..00003}}.tar", data.root / "shard-cache"
+    assert (
+        embed_main(["--format", "webdataset", urls, "-o", str(cache), "--no-progress"])
+        == 0
+    )
+    train = ["--train-data", urls, "--dataset-type", "webdataset", "--workers", "2",
+             "--dataset-resampled", "--train-num-samples", "32",
+             "--xclr-caption-cache", str(cache)]  # fmt: skip
+    ranks = torchrun(data, "ddp-wds", "--accum-freq", "2", train=train)
+    assert [r["result"] for r in ranks] == [None, None]
+    _, table = shard_table(cache, urls)
+    assert misalignments(ranks, table, local_loss=False, resampled=True) == []
+    seen = torch.cat([c["ids"] for r in ranks for c in r["calls"]])
+    assert len(set(seen.tolist())) > 12  # samples of several shards and workers

@@ -30,6 +30,7 @@ from _openclip_helpers import (
     assert_loads_back,
     draw,
     install_probe,
+    rows_of,
     state_dict,
 )
 from open_clip.loss import ClipLoss, SigLipLoss
@@ -39,11 +40,12 @@ from xclr_plugin.captions import CaptionRecord
 from xclr_plugin.cli.openclip_train import main
 from xclr_plugin.clip_loss import XCLRClipLoss
 from xclr_plugin.integrations.open_clip_train.data import (
-    SAMPLE_INDEX_KEY,
-    attach_sample_index_hooks,
-    indexed_csv_dataset,
+    TARGETS_KEY,
+    attach_target_hooks,
+    pack,
+    targets_csv_dataset,
 )
-from xclr_plugin.integrations.open_clip_train.loss import SampleCaptionTargets
+from xclr_plugin.integrations.open_clip_train.loss import CaptionTargets
 from xclr_plugin.integrations.open_clip_train.patch import preserve_logging
 from xclr_plugin.text import TextEncoder
 
@@ -174,9 +176,10 @@ def test_finetune_captions_from_cache_with_accum_freq(
     """Each sample's caption reaches the loss, also across accumulated micro-batches."""
     tokenizer = open_clip.get_tokenizer(TINY)
     cache = CaptionCache.open(data.cache)
+    table = cache[:]
 
     def check_text_features_belong_to_indices(model: Any, kw: dict[str, Any]) -> None:
-        indices = kw[SAMPLE_INDEX_KEY]
+        indices = rows_of(kw[TARGETS_KEY], table)
         with torch.no_grad():
             expected = model.encode_text(
                 tokenizer([data.captions[i] for i in indices]), normalize=True
@@ -206,14 +209,14 @@ def test_finetune_captions_from_cache_with_accum_freq(
     ]
     assert main(args) is None
 
-    assert isinstance(probe.loss, SampleCaptionTargets)
+    assert isinstance(probe.loss, CaptionTargets)
     assert isinstance(probe.loss.loss, XCLRClipLoss)
     assert len(probe.calls) == 6  # 3 optimizer steps x 2 micro-batches
     seen: list[int] = []
     for call in probe.calls:
-        indices = call[SAMPLE_INDEX_KEY]
-        assert indices.shape == (8,) and len(set(indices.tolist())) == 8
-        seen += indices.tolist()
+        indices = rows_of(call[TARGETS_KEY], table)
+        assert len(set(indices)) == 8
+        seen += indices
         want = dense_xclr_clip(
             call["image_features"].double(),
             call["text_features"].double(),
@@ -268,10 +271,11 @@ def test_model_with_logit_bias_and_captions_embedded_at_start_up(
 ) -> None:
     args = train_args(data, "bias", model=TINY_BIAS)
     assert main([*args, "--loss", "xclr-clip"]) is None
-    assert isinstance(probe.loss, SampleCaptionTargets)
+    assert isinstance(probe.loss, CaptionTargets)
     first = probe.calls[0]
     assert first["logit_bias"].item() == -10.0
-    descriptions = encoder.encode([data.captions[i] for i in first[SAMPLE_INDEX_KEY]])
+    table = encoder.encode(data.captions)
+    descriptions = table[rows_of(first[TARGETS_KEY], table)]
     want = dense_xclr_clip(
         first["image_features"].double(),
         first["text_features"].double(),
@@ -299,28 +303,48 @@ def test_loss_siglip_gets_the_siglip_model_init(data: Data, probe: Probe) -> Non
     torch.testing.assert_close(first["loss"], reference(**inputs))
 
 
-def test_sample_index_hooks_and_dataset(data: Data) -> None:
+def test_target_hooks_and_dataset(data: Data) -> None:
+    """Targets travel bit for bit in the token rows; the model sees plain tokens."""
     tokenizer = open_clip.get_tokenizer(TINY)
     model, preprocess, _ = open_clip.create_model_and_transforms(TINY, output_dict=True)
-    dataset = indexed_csv_dataset(ocd.CsvDataset)(
+    table = torch.randn(len(data.captions), 5)
+    dataset = targets_csv_dataset(ocd.CsvDataset, table)(
         str(data.train), preprocess, "filepath", "title", tokenizer=tokenizer
     )
     image, tokens = dataset[5]
-    assert tokens[-1] == 5 and torch.equal(
-        tokens[:-1], tokenizer([data.captions[5]])[0]
+    plain = tokenizer([data.captions[5]])[0]
+    assert torch.equal(tokens, pack(plain, table[5])) and torch.equal(
+        tokens[:32], plain
     )
     images = torch.stack([image, dataset[7][0]])
     texts = torch.stack([tokens, dataset[7][1]])
-    attach_sample_index_hooks(model, model.context_length)
-    want = model(images, texts[:, :-1])
+    attach_target_hooks(model, dim=5)
+    want = model(images, texts[:, :32])
     got = model(images, texts)
-    assert torch.equal(got[SAMPLE_INDEX_KEY], torch.tensor([5, 7]))
+    assert torch.equal(got[TARGETS_KEY], table[[5, 7]])
     torch.testing.assert_close(
         got["text_features"], want["text_features"], rtol=0, atol=0
     )
-    model.eval()
-    assert SAMPLE_INDEX_KEY not in model(images, texts)
-    assert SAMPLE_INDEX_KEY not in model(images, texts[:, :-1])
+    assert TARGETS_KEY not in model(images, texts[:, :32])  # rows without targets
+    model.eval()  # evaluation on the patched CSV dataset: stripped, not carried
+    evaluated = model(images, texts)
+    assert TARGETS_KEY not in evaluated
+    assert torch.equal(
+        evaluated["text_features"], model(images, texts[:, :32])["text_features"]
+    )
+
+
+def test_packed_targets_keep_every_float32_bit() -> None:
+    special = torch.tensor([0.0, -0.0, 1e-45, -3.4e38, float("inf"), 1.0 / 3.0])
+    from xclr_plugin.integrations.open_clip_train.data import unpack
+
+    packed = torch.stack([pack(torch.arange(4), special)] * 2)
+    tokens, targets = unpack(packed, dim=6)  # type: ignore[misc]
+    assert torch.equal(tokens, torch.arange(4).expand(2, 4))
+    assert torch.equal(
+        targets.view(torch.int32), special.expand(2, 6).view(torch.int32)
+    )
+    assert unpack(packed[:, :-1], dim=6) is None  # the marker is not where dim says
 
 
 # -- errors before training -------------------------------------------------------------
@@ -532,8 +556,8 @@ def test_torchcompile_captions_mode(
     cache = CaptionCache.open(data.cache)
     assert len(probe.calls) == 6
     for call in probe.calls:
-        indices = call[SAMPLE_INDEX_KEY]
-        assert indices.shape == (4,)
+        indices = rows_of(call[TARGETS_KEY], cache[:])
+        assert len(indices) == 4
         want = dense_xclr_clip(
             call["image_features"].double(),
             call["text_features"].double(),
@@ -559,7 +583,7 @@ def test_amp_bf16_captions_mode(data: Data, probe: Probe) -> None:
             call["image_features"].double(),
             call["text_features"].double(),
             call["logit_scale"].double(),
-            descriptions=cache[call[SAMPLE_INDEX_KEY]].double(),
+            descriptions=call[TARGETS_KEY].double(),
             target_temperature=0.1,
         )
         # products may follow autocast (bf16: 8 bits of mantissa)
@@ -569,11 +593,13 @@ def test_amp_bf16_captions_mode(data: Data, probe: Probe) -> None:
     assert_loads_back(TINY, checkpoint(data, name))
 
 
-def test_a_batch_without_sample_indices_is_refused_by_name() -> None:
-    """Captions mode never trains without targets: a missing index is a clear error."""
-    wrapped = SampleCaptionTargets(XCLRClipLoss(), torch.randn(8, 4))
+def test_a_batch_without_caption_targets_is_refused_by_name() -> None:
+    """Captions mode never trains without targets: missing ones are a clear error."""
+    wrapped = CaptionTargets(XCLRClipLoss())
     features = torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="No 'xclr_sample_index' reached the loss"):
+    with pytest.raises(
+        RuntimeError, match="No 'xclr_caption_targets' reached the loss"
+    ):
         wrapped(
             image_features=features,
             text_features=features,

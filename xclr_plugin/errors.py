@@ -30,8 +30,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 def one_line(err: BaseException) -> str:
-    """``err``'s message on one line (some messages, e.g. torchvision's, span several)."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """``err``'s message on one line (some messages, e.g. torchvision's, span several).
+
+    An error re-raised from a DataLoader worker carries the worker's traceback: its
+    last line holds the original message.
+    """
+    message = str(err)
+    if "\nOriginal Traceback" in message:
+        message = message.rsplit(f"{type(err).__name__}: ", 1)[-1]
+    return " ".join(message.split()) or type(err).__name__
 
 
 def print_error(prog: str, err: BaseException | str) -> None:

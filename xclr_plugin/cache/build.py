@@ -148,7 +148,7 @@ def _reserve_disk_space(path: Path) -> None:
             # EOPNOTSUPP, EINVAL: a file system without fallocate; writes will tell.
 
 
-def _embed_chunk(
+def embed_rows(
     encoder: SupportsEncode, captions: Sequence[str], start: int, stop: int, dtype: str
 ) -> np.ndarray:
     """The rows ``start:stop`` to store, refusing encoder output that is no embedding."""
@@ -257,6 +257,15 @@ def _finished(
 ) -> CaptionCache | None:
     """The folder's finished cache of ``content``, else None after clearing a damaged or (``overwrite``) different one."""
     if not (out / MANIFEST_FILE).exists():
+        ours = {PROGRESS_FILE, PARTIAL_FILE}  # an unfinished build of ours
+        names = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if names and not overwrite and not ours & set(names):
+            raise ValueError(
+                f"{out} holds files this builder did not write ("
+                + ", ".join(names[:3])
+                + (", ..." if len(names) > 3 else "")
+                + "). Pass overwrite=True (--overwrite) or choose another folder."
+            )
         return None
     try:
         manifest = read_json(out / MANIFEST_FILE, "caption cache manifest")
@@ -326,7 +335,7 @@ def _build(
     ) as bar:
         while rows_done < count:
             stop = min(rows_done + chunk_size, count)
-            array[rows_done:stop] = _embed_chunk(
+            array[rows_done:stop] = embed_rows(
                 encoder, captions, rows_done, stop, dtype
             )
             array.flush()

@@ -3,13 +3,12 @@
 The one way the trainers and the demo get caption embeddings::
 
     caption_lookup(
-        records,             # Sequence[CaptionRecord] | None
+        records,             # Sequence[CaptionRecord]
         cache_dir=None,      # str | os.PathLike | None
         encoder=None,        # SupportsEncode | Callable[[], SupportsEncode] | None
         *,
         encoder_name=None,   # the encoder a cache must come from (None: any)
         build=True,          # build/resume a missing or unfinished cache
-        subset=False,        # records may be a subset of the cache's (by key)
         dtype="float16",     # storage dtype of a cache built here
         distinct=False,      # without a cache: embed each distinct caption once
         progress=True,       # progress bars while embedding
@@ -24,10 +23,7 @@ The one way the trainers and the demo get caption embeddings::
 - Otherwise ``build=True`` loads the encoder and builds, resumes or repairs the cache
   (:func:`build_caption_cache`, which refuses a different cache, never replaces it);
   ``build=False`` raises for the caller to add its hint ("Build it ... first: ...").
-- ``subset=True`` (webdataset shards): every record's key must have a row, else
-  :class:`CacheMismatchError` whose ``missing`` lists the keys without one;
-  ``records=None`` opens the cache unchecked against records (shards that cannot be
-  read ahead), its rows still checked finite.
+- Webdataset shards have their own, per-shard cache (:mod:`xclr_plugin.cache.shards`).
 
 Errors are plain ``FileNotFoundError`` (no finished cache, ``build=False``) and
 ``ValueError`` (damaged, non-finite, or :class:`CacheMismatchError`: another
@@ -41,7 +37,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from xclr_plugin.cache.build import build_caption_cache
-from xclr_plugin.cache.store import CacheMismatchError, CaptionCache
+from xclr_plugin.cache.store import CaptionCache
 from xclr_plugin.cache.table import CaptionTable
 from xclr_plugin.captions.records import CaptionRecord, validate_records
 from xclr_plugin.text import SupportsEncode
@@ -66,23 +62,19 @@ def _load(encoder: EncoderSource, progress: bool) -> SupportsEncode:
 
 
 def caption_lookup(
-    records: Sequence[CaptionRecord] | None,
+    records: Sequence[CaptionRecord],
     cache_dir: str | os.PathLike[str] | None = None,
     encoder: EncoderSource = None,
     *,
     encoder_name: str | None = None,
     build: bool = True,
-    subset: bool = False,
     dtype: str = "float16",
     distinct: bool = False,
     progress: bool = True,
 ) -> CaptionTable | CaptionCache:
     """The caption embeddings of ``records``: a checked cache, or embedded now (module docstring)."""
-    if records is not None:
-        records = validate_records(records, unique=cache_dir is not None)
+    records = validate_records(records, unique=cache_dir is not None)
     if cache_dir is None:
-        if records is None:
-            raise ValueError("caption_lookup needs records when there is no cache_dir.")
         return CaptionTable.from_records(
             records, _load(encoder, progress), distinct=distinct
         )
@@ -90,24 +82,13 @@ def caption_lookup(
     if expected is None and callable(getattr(encoder, "encode", None)):
         expected = encoder.name  # type: ignore[union-attr]
     try:
-        cache = CaptionCache.open(
-            cache_dir, encoder=expected, records=None if subset else records
-        )
+        cache = CaptionCache.open(cache_dir, encoder=expected, records=records)
     except (FileNotFoundError, ValueError):
-        if not build or records is None:
+        if not build:
             raise
         cache = build_caption_cache(
             records, cache_dir, _load(encoder, progress), dtype=dtype, progress=progress
         )
-    if subset and records is not None:
-        missing = [r.filename for r in records if r.filename not in cache]
-        if missing:
-            raise CacheMismatchError(
-                f"The caption cache at {cache.path} has no caption embedding for "
-                f"{len(missing)} of the {len(records)} samples, the first is key "
-                f"{missing[0]!r}.",
-                missing=missing,
-            )
     # One NaN row makes every loss and gradient of its batches NaN (and, gathered,
     # every process's); a cache this call built was checked before it was published.
     cache.check_finite()

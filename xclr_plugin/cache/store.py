@@ -31,11 +31,7 @@ _FIELDS.update(dict.fromkeys(("captions_sha256", "keys_sha256", "data_sha256"), 
 
 
 class CacheMismatchError(ValueError):
-    """A valid cache of other records or another encoder; ``missing``: keys without a row."""
-
-    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.missing = list(missing)
+    """A valid cache of other records or another encoder."""
 
 
 def strings_sha256(strings: Iterable[str]) -> str:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import multiprocessing as mp
 import os
 import re
 import tarfile
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from xclr_plugin.captions.records import CaptionRecord
@@ -54,8 +49,13 @@ def _caption_key(name: str, caption_key: str) -> str | None:
     return str(key)
 
 
-def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
-    """``(key, caption)`` of every caption member of one shard, in member order."""
+def read_shard(url: str, caption_key: str = "txt") -> list[tuple[str, str]]:
+    """``(key, caption)`` of every caption member of one shard, in member order.
+
+    Refuses what open_clip would read only in part: a shard truncated or damaged
+    after its first member, a key given twice, a caption that is not UTF-8.
+    """
+    caption_key = caption_key.lower().lstrip(".")
     local = url.removeprefix("file:")
     seekable = ":" not in local.split("/", 1)[0] or os.path.exists(local)
     try:
@@ -64,11 +64,11 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
         raise ValueError(f"Cannot read shard {url!r}: {err}") from None
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
-    suffix = "." + caption_key
+    suffix, dotted = "." + caption_key, None
     try:
         with (
             stream,
-            tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar,
+            tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar,
         ):
             for info in tar:
                 tar.members = []  # type: ignore[attr-defined]  # one shard's headers need not stay in memory
@@ -76,6 +76,7 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
                 if not info.isreg() or not info.name.lower().endswith(suffix):
                     continue
                 if (key := _caption_key(info.name, caption_key)) is None:
+                    dotted = dotted or info.name
                     continue
                 if key in seen:
                     raise ValueError(
@@ -91,84 +92,52 @@ def _read_shard(url: str, caption_key: str) -> list[tuple[str, str]]:
                         f"Shard {url!r}, key {key!r}: the {caption_key!r} member is "
                         f"not UTF-8 text ({err})."
                     ) from None
-            if seekable:
-                # tarfile ends quietly at a damaged header after the first: refuse
-                # a shard whose rest is neither end-of-archive zeros nor a short tail.
+            if seekable and tar.fileobj is stream:  # an uncompressed shard
+                # tarfile ends quietly at a damaged header or at the end of a cut file
+                # (seeking over the images never reads them): a whole shard ends in
+                # end-of-archive zeros.
                 stream.seek(tar.offset)
                 block = stream.read(tarfile.BLOCKSIZE)
-                if len(block) == tarfile.BLOCKSIZE and block.count(0) != len(block):
+                if len(block) < tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError(
+                        f"it ends at byte {tar.offset} without the end-of-archive "
+                        "marker (a truncated file?)"
+                    )
+                if block.count(0) != len(block):
                     raise tarfile.ReadError(f"bad tar header at byte {tar.offset}")
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ValueError(f"Shard {url!r} is not a readable tar file: {err}") from None
+    if not out and dotted is not None:
+        raise ValueError(
+            f"Shard {url!r} has no {caption_key!r} caption member that webdataset "
+            f"reads as one: in {dotted!r} webdataset's key ends at the first dot of "
+            f"the file name, so its extension is not {caption_key!r}. Rename the "
+            "samples' keys without dots."
+        )
     return out
 
 
-def _iter_captions(
-    shards: list[str], caption_key: str, workers: int | None = None
-) -> Iterator[tuple[str, str, int]]:
-    """``(key, caption, shard index)``, shard by shard, read by ``workers`` processes."""
-    caption_key = caption_key.lower().lstrip(".")
-    workers = 1 if workers is None else workers
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be a positive int or None, got {workers!r}.")
-    with contextlib.ExitStack() as stack:
-        per_shard: Iterator[list[tuple[str, str]]]
-        if workers == 1:
-            per_shard = (_read_shard(url, caption_key) for url in shards)
-        else:
-            # Results in shard order. A fork server that imported this module forks
-            # cheap workers (spawn would import torch again; fork is unsafe with threads).
-            context = mp.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context))
-            per_shard = pool.map(_read_shard, shards, itertools.repeat(caption_key))
-        for index, pairs in enumerate(per_shard):
-            for key, caption in pairs:
-                yield key, caption, index
-
-
-def iter_webdataset_captions(
-    urls: str, *, caption_key: str = "txt"
-) -> Iterator[tuple[str, str, str]]:
-    """Yields ``(key, caption, shard URL)`` for each sample with a caption."""
-    shards = expand_shard_urls(urls)
-    for key, caption, index in _iter_captions(shards, caption_key):
-        yield key, caption, shards[index]
-
-
 def read_webdataset_captions(
-    urls: str,
-    *,
-    caption_key: str = "txt",
-    progress: bool = False,
-    workers: int | None = None,
+    urls: str, *, caption_key: str = "txt"
 ) -> list[CaptionRecord]:
-    """One record per sample (``filename`` = ``__key__``, unique across shards), in shard then member order; ``workers`` processes read shards in parallel."""
-    shards = expand_shard_urls(urls)
-    first_shard: dict[str, int] = {}
-    records: list[CaptionRecord] = []
-    from tqdm.auto import tqdm
+    """One record per sample (``filename`` = ``__key__``, unique across shards), in shard then member order.
 
-    with tqdm(
-        total=len(shards), unit="shard", desc="reading shards", disable=not progress
-    ) as bar:
-        done = 0
-        for key, caption, index in _iter_captions(shards, caption_key, workers):
-            bar.update(index - done)
-            done = index
-            other = first_shard.setdefault(key, index)
-            if other != index:
+    A shard listed twice (upsampling, ``a.tar::a.tar``) is read once.
+    """
+    shards = list(dict.fromkeys(expand_shard_urls(urls)))
+    first_shard: dict[str, str] = {}
+    records: list[CaptionRecord] = []
+    for url in shards:
+        for key, caption in read_shard(url, caption_key):
+            other = first_shard.setdefault(key, url)
+            if other != url:
                 raise ValueError(
-                    f"Duplicate key {key!r}: in shard {shards[other]!r} and in shard "
-                    f"{shards[index]!r}. Sample keys must be unique across shards to "
-                    "look up captions."
+                    f"Duplicate key {key!r}: in shard {other!r} and in shard {url!r}. "
+                    "Sample keys must be unique across shards to look up captions."
                 )
             if not caption.strip():
-                raise ValueError(
-                    f"Shard {shards[index]!r}, key {key!r}: empty caption."
-                )
+                raise ValueError(f"Shard {url!r}, key {key!r}: empty caption.")
             records.append(CaptionRecord(key, caption))
-        bar.update(len(shards) - done)
     if not records:
         raise ValueError(
             f"No {caption_key!r} caption member in the shards {urls!r} "

@@ -90,11 +90,12 @@ def _parser() -> ArgumentParser:
     add("--encoder", help="sentence-transformers name or local folder (default: packaged all-MiniLM-L6-v2)")
     add("--device", default="cpu", help="encoder device (default: cpu)")
     add("--batch-size", type=_positive_int, default=256, help="encoder batch size")
-    add("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, help="rows committed per step")
+    add("--chunk-size", type=_positive_int, help=f"rows committed per step (default: {DEFAULT_CHUNK_SIZE}; "
+        "webdataset: one shard)")
     add("--dtype", default="float16", choices=DTYPES, help="storage dtype")
     add("--overwrite", action="store_true", help="replace a different cache in OUTPUT")
     add("--lock-timeout", type=_seconds, help="seconds to wait for another build of OUTPUT before giving up "
-        "(default: wait until it finishes)")
+        "(default: wait until it finishes; not for webdataset, whose processes share the shards out)")
     add("--allow-multiline-captions", action="store_true", help="accept CSV captions that span lines containing "
         "the separator (refused by default: the sign of an unbalanced quote)")
     add("--no-progress", action="store_true", help="hide the progress bar")
@@ -152,20 +153,35 @@ def parse_args(argv: Sequence[str] | None = None) -> EmbedOptions:
     if fmt == "auto":
         fmt = detect_format(args.source, captions_file=args.captions_file)
     reader = _reader_kwargs(args, fmt)
+    for flag in ("chunk_size", "lock_timeout"):
+        if fmt == "webdataset" and getattr(args, flag) is not None:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} does not apply to --format webdataset "
+                "(each shard is written whole; under torchrun every process takes "
+                "its own shards)."
+            )
     return EmbedOptions(
         args.source, _check_output(args.output), fmt, reader, args.encoder,
-        args.device, args.batch_size, args.chunk_size, args.dtype, args.overwrite,
+        args.device, args.batch_size, args.chunk_size or DEFAULT_CHUNK_SIZE, args.dtype, args.overwrite,
         args.lock_timeout, not args.no_progress,
     )  # fmt: skip
 
 
-def _build(options: EmbedOptions) -> int:
-    records = read_captions(options.source, options.fmt, **options.reader)
+def _encoder(options: EmbedOptions, device: str) -> Any:
     from xclr_plugin import text  # looked up now, so tests can stand in for it
 
-    encoder = text.TextEncoder(
-        options.encoder, device=options.device, batch_size=options.batch_size
+    return text.TextEncoder(
+        options.encoder, device=device, batch_size=options.batch_size
     )
+
+
+def _build(options: EmbedOptions) -> int:
+    if options.fmt == "webdataset":
+        from xclr_plugin.cli.embed_shards import build_shards
+
+        return build_shards(options, _encoder)
+    records = read_captions(options.source, options.fmt, **options.reader)
+    encoder = _encoder(options, options.device)
     start = time.perf_counter()
     cache = build_caption_cache(
         records, options.output, encoder, dtype=options.dtype,

@@ -1,67 +1,89 @@
-"""Each sample's caption-embedding row: looked up, then carried with its batch.
+"""Each sample's caption embedding: looked up in the data workers, carried with its tokens.
 
-Datasets append the row to the tokens; model hooks move it to the output dict, which
-open_clip passes to the loss (and concatenates like the features under --accum-freq).
+Datasets append a marker and the embedding's float32 bits to each token row; model
+hooks strip them (whatever the tokenizer's context length) and put the embeddings in
+the output dict, which open_clip passes to the loss (and concatenates like the
+features under --accum-freq). CSV rows come from a caption cache (or are embedded at
+start-up); webdataset samples from a per-shard cache, one shard at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import shlex
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from xclr_plugin import text
 from xclr_plugin.cache import CacheMismatchError, caption_lookup
+from xclr_plugin.cache.shards import (
+    ShardCache,
+    embed_shards,
+    prepare_shard_cache,
+    publish_index,
+)
 from xclr_plugin.captions import CaptionRecord, shards
 from xclr_plugin.errors import UsageError
 from xclr_plugin.integrations.open_clip_train.options import (
-    PROG,
     Options,
-    is_local,
     train_data_kind,
     world_size,
 )
 
-#: Output-dict key (and loss keyword) carrying each sample's caption-embedding row.
-SAMPLE_INDEX_KEY = "xclr_sample_index"
+#: Output-dict key (and loss keyword) carrying each sample's caption embedding.
+TARGETS_KEY = "xclr_caption_targets"
+_MARK = -1  # never a token id: tells a packed row from a plain one
 
 
-def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
-    """The training data's checked caption embeddings, by CSV row or ``__key__``."""
-    kind, cache = train_data_kind(args), options.xclr_caption_cache
-    name = options.xclr_text_encoder
-    if kind not in ("csv", "webdataset"):
-        raise UsageError(
-            "--xclr-target-mode captions needs each sample's caption: give a CSV/TSV "
-            "or webdataset --train-data (got --train-data "
-            f"{args.train_data!r}, --dataset-type {args.dataset_type!r}), or use "
-            "--xclr-target-mode clip-text, which needs no captions."
-        )
-    records = None
+def pack(tokens: Tensor, target: Any) -> Tensor:
+    """``tokens`` followed by the marker and the bits of the float32 ``target``."""
+    bits = torch.as_tensor(target, dtype=torch.float32).contiguous().view(torch.int32)
+    return torch.cat([tokens, tokens.new_tensor([_MARK]), bits.to(tokens.dtype)])
+
+
+def unpack(text: Tensor, dim: int) -> tuple[Tensor, Tensor] | None:
+    """The tokens and float32 targets of packed rows; None for rows without them."""
+    if text.ndim != 2 or text.shape[1] <= dim + 1:
+        return None
+    if not bool((text[:, -dim - 1] == _MARK).all()):
+        return None
+    bits = text[:, -dim:].to(torch.int32).contiguous()
+    return text[:, : -dim - 1], bits.view(torch.float32)
+
+
+def caption_targets(
+    options: Options, args: argparse.Namespace, stack: contextlib.ExitStack
+) -> Any:
+    """The training data's checked caption embeddings: by CSV row, or per shard."""
+    kind = train_data_kind(args)
     if kind == "csv":
-        records = _train_csv_records(args)
-        if len(records) < args.batch_size * world_size():
-            raise UsageError(
-                f"--train-data has {len(records)} samples, fewer than one global batch "
-                f"(--batch-size {args.batch_size} x {world_size()} process(es)); "
-                "open_clip drops incomplete batches and would train on nothing."
-            )
-    elif cache is None or all(map(is_local, shards.expand_shard_urls(args.train_data))):
-        try:
-            records = shards.read_webdataset_captions(args.train_data, progress=True)
-        except ValueError as err:
-            raise UsageError(f"--train-data: {err}") from None
-    else:
-        logging.warning(
-            "%s: --train-data has non-local shards; every sample's key is checked "
-            "against --xclr-caption-cache as it is loaded.",
-            PROG,
+        return _csv_targets(options, args)
+    if kind == "webdataset":
+        return _shard_targets(options, args, stack)
+    raise UsageError(
+        "--xclr-target-mode captions needs each sample's caption: give a CSV/TSV "
+        "or webdataset --train-data (got --train-data "
+        f"{args.train_data!r}, --dataset-type {args.dataset_type!r}), or use "
+        "--xclr-target-mode clip-text, which needs no captions."
+    )
+
+
+def _csv_targets(options: Options, args: argparse.Namespace) -> Any:
+    cache, name = options.xclr_caption_cache, options.xclr_text_encoder
+    records = _train_csv_records(args)
+    if len(records) < args.batch_size * world_size():
+        raise UsageError(
+            f"--train-data has {len(records)} samples, fewer than one global batch "
+            f"(--batch-size {args.batch_size} x {world_size()} process(es)); "
+            "open_clip drops incomplete batches and would train on nothing."
         )
     try:
         return caption_lookup(
@@ -70,7 +92,6 @@ def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
             lambda: _text_encoder(options),
             encoder_name=name and text.encoder_name(name),
             build=False,
-            subset=kind == "webdataset",
         )
     except UsageError:
         raise  # the encoder did not load
@@ -80,20 +101,6 @@ def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
             f"{_embed_command(options, args)}"
         ) from None
     except CacheMismatchError as err:
-        if err.missing:  # webdataset: keys without a row
-            key = err.missing[0]
-            urls = (
-                u
-                for k, _, u in shards.iter_webdataset_captions(args.train_data)
-                if k == key
-            )
-            shard = next((f" (shard {u!r})" for u in urls), "")
-            raise UsageError(
-                f"--xclr-caption-cache {cache!r} has no caption embedding for "
-                f"{len(err.missing)} of the {len(records or ())} samples of --train-data, "
-                f"the first is key {key!r}{shard}. Build the cache from these shards: "
-                f"{_embed_command(options, args)}"
-            ) from None
         raise UsageError(
             f"--xclr-caption-cache does not belong to --train-data {args.train_data!r}: "
             f"{err} Rebuild it: {_embed_command(options, args)} --overwrite"
@@ -101,6 +108,47 @@ def caption_embeddings(options: Options, args: argparse.Namespace) -> Any:
     except ValueError as err:  # bad records, a damaged cache, or NaN rows
         flag = "--xclr-caption-cache" if cache else "--train-data/--xclr-text-encoder"
         raise UsageError(f"{flag}: {err}") from None
+
+
+def _shard_targets(
+    options: Options, args: argparse.Namespace, stack: contextlib.ExitStack
+) -> ShardCache:
+    """The per-shard cache of the shards, checked in O(shards); built now without one."""
+    urls = shards.expand_shard_urls(args.train_data)
+    folder, name = options.xclr_caption_cache, options.xclr_text_encoder
+    command = _embed_command(options, args)
+    if folder is None:  # small data: embed every shard now, in this process
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="xclr-"))
+        encoder = _text_encoder(options)
+        try:
+            manifest = prepare_shard_cache(folder, encoder)
+            with tqdm(total=len(urls), unit="shard", desc="Embedding captions") as bar:
+                entries = embed_shards(
+                    urls, folder, encoder, manifest, on_shard=lambda *_: bar.update()
+                )
+            publish_index(folder, entries)
+        except ValueError as err:
+            raise UsageError(f"--train-data: {err}") from None
+    try:
+        cache = ShardCache.open(
+            folder, urls, encoder_name=name and text.encoder_name(name)
+        )
+    except FileNotFoundError as err:
+        raise UsageError(
+            f"--xclr-caption-cache: {err} Webdataset shards need a per-shard cache; "
+            f"build it first: {command}"
+        ) from None
+    except ValueError as err:
+        raise UsageError(
+            f"--xclr-caption-cache: {err} Build the missing or changed shards (the "
+            f"build redoes only those): {command}"
+        ) from None
+    if cache.caption_key != "txt":
+        raise UsageError(
+            f"--xclr-caption-cache {folder!r} holds the embeddings of the "
+            f"{cache.caption_key!r} members; open_clip trains on the 'txt' captions."
+        )
+    return cache
 
 
 def _train_csv_records(args: argparse.Namespace) -> list[CaptionRecord]:
@@ -153,76 +201,87 @@ def _text_encoder(options: Options) -> text.TextEncoder:
         ) from None
 
 
-def attach_sample_index_hooks(
-    model: nn.Module, context_length: int
+def attach_target_hooks(
+    model: nn.Module, dim: int
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks moving the row (the last token of text one longer than ``context_length``)
-    to the model's output dict, in training mode only."""
+    """Hooks stripping packed ``dim``-wide targets from the text rows (the CSV dataset
+    also serves evaluation) and, in training mode, putting them in the output dict."""
     pending: list[Tensor] = []
 
     def strip(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         pending.clear()  # open_clip's training loop calls model(images, texts)
-        text = args[1] if len(args) >= 2 else None
-        if not isinstance(text, Tensor) or text.shape[1:] != (context_length + 1,):
+        packed = args[1] if len(args) >= 2 else None
+        if not isinstance(packed, Tensor):
             return None
-        pending.append(text[:, -1])
-        return (args[0], text[:, :-1], *args[2:])
+        if (parts := unpack(packed, dim)) is None:
+            return None
+        pending.append(parts[1])
+        return (args[0], parts[0], *args[2:])
 
     def carry(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not pending or not module.training or not isinstance(output, dict):
             return None
-        return {**output, SAMPLE_INDEX_KEY: pending.pop()}
+        return {**output, TARGETS_KEY: pending.pop()}
 
     return [model.register_forward_pre_hook(strip), model.register_forward_hook(carry)]
 
 
-def indexed_csv_dataset(base: type[Any]) -> type[Any]:
-    """A ``CsvDataset`` subclass whose token rows end with the sample's row index."""
+def targets_csv_dataset(base: type[Any], lookup: Any) -> type[Any]:
+    """A ``CsvDataset`` subclass whose token rows carry the row's caption embedding."""
 
-    class IndexedCsvDataset(base):  # type: ignore[valid-type,misc]
+    class CaptionedCsvDataset(base):  # type: ignore[valid-type,misc]
         def __getitem__(self, idx: int) -> tuple[Tensor, Tensor]:
             images, texts = super().__getitem__(idx)
-            return images, torch.cat([texts, torch.tensor([idx], dtype=texts.dtype)])
+            return images, pack(texts, lookup[idx])
 
-    return IndexedCsvDataset
+    return CaptionedCsvDataset
 
 
-class KeyToRow:
-    """webdataset stage: ``sample -> (image, tokens + [lookup.index_of(__key__)])``."""
+class ShardTargets:
+    """webdataset stage after ``rename``: each sample's embedding, checked against its caption."""
 
-    def __init__(self, lookup: Any) -> None:
-        self.lookup = lookup
+    def __init__(self, rename: Callable[..., Any], cache: ShardCache) -> None:
+        self.rename, self.cache = rename, cache
+
+    def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in self.rename(source):
+            url, key = sample.get("__url__"), sample["__key__"]
+            try:
+                target = self.cache.target(str(url), key, sample["text"])
+            except ValueError as err:  # one line, also from a DataLoader worker
+                raise UsageError(str(err)) from None
+            yield {**sample, TARGETS_KEY: target}
+
+
+class PackTargets:
+    """webdataset stage in place of ``to_tuple("image", "text")``: tokens + target."""
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, Tensor]:
-        key = sample["__key__"]
-        try:
-            row = self.lookup.index_of(key)
-        except ValueError:
-            raise ValueError(
-                f"{PROG}: sample {key!r} of shard {sample.get('__url__')!r} has no "
-                f"caption embedding in {getattr(self.lookup, 'path', 'the captions')}; "
-                "build the cache from the training shards (xclr-embed-captions "
-                "--format webdataset SHARDS -o DIR)."
-            ) from None
-        text = sample["text"]
-        return sample["image"], torch.cat([text, text.new_tensor([row])])
+        return sample["image"], pack(sample["text"], np.asarray(sample[TARGETS_KEY]))
 
 
-def keyed_get_wds_dataset(ocd: Any, lookup: Any) -> Callable[..., Any]:
-    """``get_wds_dataset`` whose last ``to_tuple("image", "text")`` is :class:`KeyToRow`."""
+def targets_get_wds_dataset(ocd: Any, cache: ShardCache) -> Callable[..., Any]:
+    """``get_wds_dataset`` whose training pipeline carries each sample's embedding."""
     original = ocd.get_wds_dataset
 
     def get_wds_dataset(args: Any, preprocess: Any, is_train: bool, **kw: Any) -> Any:
         if not is_train:  # evaluation data is not looked up in the training cache
             return original(args, preprocess, is_train, **kw)
-        to_tuple = ocd.wds.to_tuple
+        rename, to_tuple = ocd.wds.rename, ocd.wds.to_tuple
 
-        def keyed(*keys: str, **kwargs: Any) -> Any:
+        def with_targets(*keys: Any, **kwargs: Any) -> Any:
+            stage = rename(*keys, **kwargs)
+            return ShardTargets(stage, cache) if kwargs.get("text") == "txt" else stage
+
+        def packed(*keys: str, **kwargs: Any) -> Any:
             if keys == ("image", "text") and not kwargs:
-                return ocd.wds.map(KeyToRow(lookup))
+                return ocd.wds.map(PackTargets())
             return to_tuple(*keys, **kwargs)
 
-        with mock.patch.object(ocd.wds, "to_tuple", keyed):
+        with (
+            mock.patch.object(ocd.wds, "rename", with_targets),
+            mock.patch.object(ocd.wds, "to_tuple", packed),
+        ):
             return original(args, preprocess, is_train, **kw)
 
     return get_wds_dataset

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from xclr_plugin import registry
 from xclr_plugin.errors import NonFiniteLossError, UsageError
-from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY
+from xclr_plugin.integrations.open_clip_train.data import TARGETS_KEY
 from xclr_plugin.integrations.open_clip_train.options import Options
 
 
@@ -47,29 +47,26 @@ class FiniteLossCheck:
         )
 
 
-class SampleCaptionTargets(nn.Module):
-    """Calls an image-text loss with ``targets``: the caption rows the batch names."""
+class CaptionTargets(nn.Module):
+    """Calls an image-text loss with ``targets``: the batch's caption embeddings."""
 
-    def __init__(self, loss: nn.Module, caption_embeddings: Any) -> None:
+    def __init__(self, loss: nn.Module) -> None:
         super().__init__()
         self.loss = loss
-        self.caption_embeddings = caption_embeddings
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        indices = kwargs.pop(SAMPLE_INDEX_KEY, None)  # put there by the model's hooks
-        if indices is None:  # e.g. a tokenizer whose context length the hooks missed
+        targets = kwargs.pop(TARGETS_KEY, None)  # put there by the model's hooks
+        if targets is None:
             raise RuntimeError(
-                f"No {SAMPLE_INDEX_KEY!r} reached the loss: captions mode needs the "
-                "sample-index hooks of xclr-plugin on the model (run through "
-                "xclr-openclip-train / patch_open_clip_train)."
+                f"No {TARGETS_KEY!r} reached the loss: captions mode needs the "
+                "caption-target hooks of xclr-plugin on the model and its datasets "
+                "(run through xclr-openclip-train / patch_open_clip_train)."
             )
-        targets = self.caption_embeddings[indices.long().cpu()]
-        targets = torch.as_tensor(targets).to(device=indices.device)
         return self.loss(*args, targets=targets, **kwargs)
 
 
 def build_loss(
-    options: Options, args: argparse.Namespace, caption_embeddings: Any = None
+    options: Options, args: argparse.Namespace, captions: bool = False
 ) -> nn.Module:
     """``--loss`` with those of open_clip's settings it accepts (as ``create_loss``)."""
     assert options.loss is not None
@@ -89,7 +86,7 @@ def build_loss(
         if key in candidates and key not in kwargs:
             raise UsageError(f"--loss {options.loss!r} does not accept {key}.")
     loss = registry.create_loss(options.loss, **kwargs)
-    if caption_embeddings is not None:
-        loss = SampleCaptionTargets(loss, caption_embeddings)
+    if captions:
+        loss = CaptionTargets(loss)
     loss.register_forward_hook(FiniteLossCheck(), with_kwargs=True)
     return loss

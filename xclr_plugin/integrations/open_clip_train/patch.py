@@ -12,10 +12,10 @@ from unittest import mock
 
 from xclr_plugin.errors import UsageError
 from xclr_plugin.integrations.open_clip_train.data import (
-    attach_sample_index_hooks,
-    caption_embeddings,
-    indexed_csv_dataset,
-    keyed_get_wds_dataset,
+    attach_target_hooks,
+    caption_targets,
+    targets_csv_dataset,
+    targets_get_wds_dataset,
 )
 from xclr_plugin.integrations.open_clip_train.loss import build_loss
 from xclr_plugin.integrations.open_clip_train.options import PROG, Options, check
@@ -70,13 +70,13 @@ def patch_open_clip_train(options: Options) -> Iterator[Callable[..., Any]]:
                 return args
             # open_clip's SigLIP model init (logit scale and bias)
             args.siglip = args.siglip or checked.loss == "siglip"
-            embeddings = None
-            if mode == "captions":
-                embeddings = caption_embeddings(checked, args)
-                patch(ocm, "create_model_and_transforms", _with_hooks(ocm))
-                patch(ocd, "CsvDataset", indexed_csv_dataset(ocd.CsvDataset))
-                patch(ocd, "get_wds_dataset", keyed_get_wds_dataset(ocd, embeddings))
-            patch(ocm, "create_loss", lambda a: build_loss(checked, a, embeddings))
+            captions = mode == "captions"
+            if captions:
+                targets = caption_targets(checked, args, stack)
+                patch(ocm, "create_model_and_transforms", _with_hooks(ocm, targets.dim))
+                patch(ocd, "CsvDataset", targets_csv_dataset(ocd.CsvDataset, targets))
+                patch(ocd, "get_wds_dataset", targets_get_wds_dataset(ocd, targets))
+            patch(ocm, "create_loss", lambda a: build_loss(checked, a, captions))
             return args
 
         original_parse_args = ocm.parse_args
@@ -85,20 +85,13 @@ def patch_open_clip_train(options: Options) -> Iterator[Callable[..., Any]]:
         yield ocm.main
 
 
-def _with_hooks(ocm: Any) -> Any:
-    """``create_model_and_transforms`` putting the sample-index hooks on the model."""
+def _with_hooks(ocm: Any, dim: int) -> Any:
+    """``create_model_and_transforms`` putting the caption-target hooks on the model."""
     original = ocm.create_model_and_transforms
 
     def create_model_and_transforms(*args: Any, **kwargs: Any) -> Any:
         created = original(*args, **kwargs)  # once: a distill teacher is refused
-        context_length = int(getattr(created[0], "context_length", 0) or 0)
-        if context_length <= 0:  # e.g. a Hugging Face text tower without one
-            raise UsageError(
-                f"--xclr-target-mode captions: the model {args[0] if args else ''!r} "
-                "reports no context_length, needed to carry sample indices; use "
-                "--xclr-target-mode clip-text."
-            )
-        attach_sample_index_hooks(created[0], context_length)
+        attach_target_hooks(created[0], dim)
         return created
 
     return create_model_and_transforms
