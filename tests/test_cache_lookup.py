@@ -52,8 +52,8 @@ def test_without_a_cache_the_captions_are_embedded_now() -> None:
 
     with pytest.raises(ValueError, match=r"1 row\(s\) with NaN.*'img_02\.png'"):
         caption_lookup(RECORDS, None, NaN())
-    with pytest.raises(ValueError, match="needs records"):
-        caption_lookup(None, None, load)
+    with pytest.raises(TypeError, match="records must be a sequence of CaptionRecord"):
+        caption_lookup(None, None, load)  # type: ignore[arg-type]
 
 
 def test_distinct_captions_are_embedded_once() -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from xclr_plugin.cache import DATA_FILE, MANIFEST_FILE, CaptionCache
+from xclr_plugin.cache.shards import ShardCache
 from xclr_plugin.cache.store import file_sha256
 from xclr_plugin.captions import CaptionRecord
 from xclr_plugin.cli.embed_captions import main
@@ -183,9 +184,13 @@ def test_cli_webdataset_shards(
     spec = str(tmp_path / "shard-{0..1}.tar")
     status, _, err = _run([spec, "-o", str(out), "--no-progress"], capsys)
     assert status == 0, err
-    keys = [CaptionRecord(r.filename.removesuffix(".png"), r.caption) for r in RECORDS]
-    cache = CaptionCache.open(out, records=keys, check_finite=True)
-    torch.testing.assert_close(cache[:], _expected(), atol=FP16_ATOL, rtol=0)
+    urls = [str(tmp_path / f"shard-{s}.tar") for s in range(2)]
+    cache = ShardCache.open(out, urls, encoder_name="hash-encoder")  # a per-shard cache
+    rows = [cache.target(urls[i // 6], r.filename.removesuffix(".png"), r.caption)
+            for i, r in enumerate(RECORDS)]  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(np.stack(rows)), _expected(), atol=FP16_ATOL, rtol=0
+    )
 
 
 def test_cli_builds_cache_from_open_clip_tsv(

@@ -1,4 +1,4 @@
-"""xclr-openclip-train on webdataset shards: caption targets looked up by ``__key__``.
+"""xclr-openclip-train on webdataset shards: caption targets from a per-shard cache.
 
 Real img2dataset-style shards (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) are written with
 ``webdataset.TarWriter``; open_clip's own ``get_wds_dataset`` pipeline reads them
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +26,24 @@ from _openclip_helpers import (
     common_args,
     install_probe,
     register_tiny,
+    rows_of,
+    shard_table,
     state_dict,
     write_shards,
 )
 
-from xclr_plugin.cache import CaptionCache, build_caption_cache
-from xclr_plugin.captions.shards import expand_shard_urls, read_webdataset_captions
+from xclr_plugin.cache import build_caption_cache
+from xclr_plugin.cache.shards import ShardCache
+from xclr_plugin.captions.shards import (
+    expand_shard_urls,
+    read_shard,
+    read_webdataset_captions,
+)
 from xclr_plugin.cli.embed_captions import main as embed_main
 from xclr_plugin.cli.openclip_train import main
 from xclr_plugin.clip_loss import XCLRClipLoss
-from xclr_plugin.integrations.open_clip_train.data import SAMPLE_INDEX_KEY, KeyToRow
-from xclr_plugin.integrations.open_clip_train.loss import SampleCaptionTargets
+from xclr_plugin.integrations.open_clip_train.data import TARGETS_KEY
+from xclr_plugin.integrations.open_clip_train.loss import CaptionTargets
 from xclr_plugin.text import TextEncoder
 
 
@@ -55,7 +63,7 @@ def encoder() -> TextEncoder:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Shards:
-    """4 shards x 10 samples; the cache built by the CLI (``--format webdataset``)."""
+    """4 shards x 10 samples; the per-shard cache built by the CLI (``--format webdataset``)."""
     root = tmp_path_factory.mktemp("wds")
     register_tiny(root)
     captions = write_shards(root / "shards", shards=4, per_shard=10)
@@ -166,13 +174,12 @@ def test_finetune_from_checkpoint_with_workers_resampling_and_accum(
 ) -> None:
     """Targets reaching the loss are the embeddings of exactly those samples' captions."""
     tokenizer = open_clip.get_tokenizer(TINY)
-    cache = CaptionCache.open(shards.cache)
-    keys = cache.filenames
+    captions, table = shard_table(shards.cache, shards.urls)
 
     def text_features_are_those_samples(model: Any, kw: dict[str, Any]) -> None:
-        captions = [shards.captions[keys[i]] for i in kw[SAMPLE_INDEX_KEY]]
+        batch = [captions[i] for i in rows_of(kw[TARGETS_KEY], table)]
         with torch.no_grad():
-            want = model.encode_text(tokenizer(captions), normalize=True)
+            want = model.encode_text(tokenizer(batch), normalize=True)
         torch.testing.assert_close(
             kw["text_features"].detach(), want, rtol=1e-4, atol=1e-5
         )
@@ -188,17 +195,16 @@ def test_finetune_from_checkpoint_with_workers_resampling_and_accum(
     )  # fmt: skip
     assert main(args) is None
 
-    assert isinstance(probe.loss, SampleCaptionTargets)
+    assert isinstance(probe.loss, CaptionTargets)
     assert isinstance(probe.loss.loss, XCLRClipLoss)
     # 32 samples / batch 4 = 8 batches = 4 optimizer steps x 2 micro-batches
     assert len(probe.calls) == 8
     seen: set[str] = set()
     for call in probe.calls:
-        indices = call[SAMPLE_INDEX_KEY]
-        assert indices.shape == (8,)
-        batch_keys = [keys[i] for i in indices]
-        seen.update(batch_keys)
-        want = encoder.encode([shards.captions[k] for k in batch_keys])
+        batch = [captions[i] for i in rows_of(call[TARGETS_KEY], table)]
+        assert len(batch) == 8
+        seen.update(batch)
+        want = encoder.encode(batch)
         torch.testing.assert_close(call["inner"]["targets"], want, rtol=0, atol=2e-3)
         loss = dense_xclr_clip(
             call["image_features"].double(),
@@ -216,26 +222,76 @@ def test_finetune_from_checkpoint_with_workers_resampling_and_accum(
     )
 
 
-def test_cache_missing_a_key_stops_before_training(
-    shards: Shards, encoder: TextEncoder, capsys: pytest.CaptureFixture[str]
+def test_start_up_check_names_missing_and_changed_shards(
+    shards: Shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    partial = shards.root / "partial-cache"
-    records = read_webdataset_captions(f"{shards.root}/shards/{{00000..00002}}.tar")
-    build_caption_cache(records, partial, encoder, progress=False)
+    """O(shards) at start-up: every shard embedded, none rewritten since (issue 21.1)."""
+    partial = tmp_path / "partial-cache"
+    three = f"{shards.root}/shards/{{00000..00002}}.tar"
+    assert embed_main(["--format", "webdataset", three, "-o", str(partial)]) == 0
     name = "wds-missing"
     args = wds_args(shards, name, "--workers", "0", "--loss", "xclr-clip",
                     "--xclr-caption-cache", str(partial))  # fmt: skip
     assert main(args) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # after the shard-reading bar
+    err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("xclr-openclip-train: error: ")
-    assert "no caption embedding for 10 of the 40 samples" in err
-    assert "'000030000'" in err and "00003.tar" in err
+    assert "no caption embeddings for 1 of the 4 shard(s)" in err and "00003.tar" in err
     assert "xclr-embed-captions --format webdataset" in err
     assert not (shards.logs / name).exists()
 
+    # Re-captioned shard (same keys): its size or mtime changed -> refused by name.
+    copies = tmp_path / "shards"
+    write_shards(copies, shards=2, per_shard=10)
+    urls = f"{copies}/{{00000..00001}}.tar"
+    cache = tmp_path / "cache"
+    assert embed_main(["--format", "webdataset", urls, "-o", str(cache)]) == 0
+    recaption(copies / "00001.tar", keep_stat=False)
+
+    def run(name: str, workers: str = "0") -> int | None:
+        return main([
+            "--train-data", urls, "--dataset-type", "webdataset",
+            "--train-num-samples", "8",
+            *common_args(shards.logs, name, "--workers", workers, "--loss",
+                         "xclr-clip", "--xclr-caption-cache", str(cache)),
+        ])  # fmt: skip
+
+    assert run("wds-changed") == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "1 of the 2 shard(s) changed after their caption embeddings" in err
+    assert "00001.tar" in err and not (shards.logs / "wds-changed").exists()
+    # The build redoes exactly that shard.
+    assert embed_main(["--format", "webdataset", urls, "-o", str(cache)]) == 0
+    assert "10 captions embedded now" in capsys.readouterr().out
+
+    # Same size, same mtime, other captions: caught when a DataLoader worker reads
+    # the sample, still one line.
+    recaption(copies / "00000.tar", keep_stat=True)
+    assert run("wds-stale", workers="1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("xclr-openclip-train: error: sample '00000")
+    assert "has another caption than the one embedded" in err and "00000.tar" in err
+
+
+def recaption(path: Path, keep_stat: bool) -> None:
+    """Rewrites a shard's captions (same keys, same lengths); ``keep_stat``: same mtime."""
+    before = path.stat()
+    members = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name.endswith(".txt"):
+                data = data.replace(b"a ", b"A ")  # same length, another caption
+            members.append((info, data))
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+    assert path.stat().st_size == before.st_size
+    if keep_stat:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
 
 def test_subset_of_the_cache_shards_trains(shards: Shards, probe: Any) -> None:
-    """Training on two of the four shards the cache was built from (key by key check)."""
+    """Training on two of the four shards the cache was built from."""
     name = "wds-subset"
     subset = f"{shards.root}/shards/{{00001..00002}}.tar"
     args = [
@@ -245,26 +301,40 @@ def test_subset_of_the_cache_shards_trains(shards: Shards, probe: Any) -> None:
                      "--xclr-caption-cache", str(shards.cache)),
     ]  # fmt: skip
     assert main(args) is None
-    keys = CaptionCache.open(shards.cache).filenames
+    _, table = shard_table(shards.cache, subset)
+    keys = [k for u in expand_shard_urls(subset) for k, _ in read_shard(u)]
     for call in probe.calls:
-        assert all(keys[i][:5] in ("00001", "00002") for i in call[SAMPLE_INDEX_KEY])
+        rows = rows_of(call[TARGETS_KEY], table)
+        assert all(keys[i][:5] in ("00001", "00002") for i in rows)
 
 
-def test_key_missing_at_load_time_names_the_key() -> None:
-    class Table:
-        path = "cache-dir"
+def test_shard_cache_lookup_names_key_and_shard(shards: Shards) -> None:
+    first = f"{shards.root}/shards/00000.tar"
+    cache = ShardCache.open(shards.cache, [first])
+    caption = shards.captions["000000000"]
+    row = cache.target(first, "000000000", caption)
+    torch.testing.assert_close(
+        torch.from_numpy(row), TextEncoder().encode([caption])[0], rtol=0, atol=2e-3
+    )
+    with pytest.raises(ValueError, match=r"sample 'lost' of shard '.*00000\.tar'"):
+        cache.target(first, "lost", "x")
+    with pytest.raises(ValueError, match="has another caption"):
+        cache.target(first, "000000000", caption + "!")
+    assert len(pickle.loads(pickle.dumps(cache))._loaded) == 0  # workers load their own
 
-        def index_of(self, key: str) -> int:
-            if key == "known":
-                return 7
-            raise ValueError(key)
 
-    stage = KeyToRow(Table())
-    tokens = torch.tensor([49406, 320, 49407, 0])
-    image, text = stage({"__key__": "known", "image": "img", "text": tokens})
-    assert image == "img" and text.tolist() == [*tokens.tolist(), 7]
-    with pytest.raises(ValueError, match=r"sample 'lost' of shard 's\.tar'.*cache-dir"):
-        stage({"__key__": "lost", "__url__": "s.tar", "image": 0, "text": tokens})
+def test_a_single_file_cache_is_refused_for_shards(
+    shards: Shards, encoder: TextEncoder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    single = shards.root / "single-cache"
+    build_caption_cache(
+        read_webdataset_captions(shards.urls), single, encoder, progress=False
+    )
+    args = wds_args(shards, "wds-single", "--workers", "0", "--loss", "xclr-clip",
+                    "--xclr-caption-cache", str(single))  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "holds a single-file caption cache" in err and "per-shard cache" in err
 
 
 @pytest.mark.parametrize(
@@ -277,15 +347,23 @@ def test_key_missing_at_load_time_names_the_key() -> None:
          "xclr-embed-captions --format webdataset"),
         (["--loss", "xclr-clip", "--xclr-target-mode", "clip-text",
           "--train-data", "EMPTY"], "shard(s) are empty files"),
+        # A valid tar without members: open_clip alone hangs, in every mode (21.8).
+        (["--train-data", "NOMEMBERS"], "shard(s) are tar files without members"),
+        (["--loss", "clip", "--train-data", "NOMEMBERS"], "without members"),
+        (["--loss", "xclr-clip", "--xclr-target-mode", "clip-text",
+          "--train-data", "NOMEMBERS"], "without members"),
     ],
 )  # fmt: skip
 def test_bad_webdataset_runs_fail_before_training(
     shards: Shards, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = "wds-bad-" + "-".join(e.strip("-") for e in extra[:3])
-    empty = shards.root / "empty.tar"
+    name = "wds-bad-" + "-".join(e.strip("-") for e in extra[:4])
+    empty, no_members = shards.root / "empty.tar", shards.root / "no-members.tar"
     empty.touch()  # open_clip alone would loop forever over it
-    replace = {"NOCACHE": str(shards.root / "nothing"), "EMPTY": str(empty)}
+    tarfile.open(no_members, "w").close()
+    urls = f"{shards.root}/shards/00000.tar::{no_members}"
+    replace = {"NOCACHE": str(shards.root / "nothing"), "EMPTY": str(empty),
+               "NOMEMBERS": urls}  # fmt: skip
     extra = [replace.get(e, e) for e in extra]
     args = wds_args(shards, name, *extra)  # a later flag overrides the default
     assert main(args) == 2

@@ -93,6 +93,8 @@ def check(options: Options, args: argparse.Namespace) -> Options:
     if name is None:
         if given:
             raise UsageError(f"{given} need --loss (e.g. --loss xclr-clip).")
+        if args.train_data and train_data_kind(args) == "webdataset":
+            _readable_shards(args)  # open_clip alone would wait for ever
         return options
     try:
         spec = registry.loss_info(name)
@@ -205,9 +207,15 @@ def _hf_text(args: argparse.Namespace) -> bool:
         return False
 
 
-def _check_shards(args: argparse.Namespace) -> None:
-    from open_clip_train.data import get_dataset_size
+def _no_members(path: str) -> bool:
+    """Whether a local tar holds no member (its first block is end-of-archive zeros)."""
+    with open(path, "rb") as handle:
+        block = handle.read(512)
+    return len(block) == 512 and not block.strip(b"\0")
 
+
+def _readable_shards(args: argparse.Namespace) -> list[str]:
+    """The shards; refuses missing, empty and member-less local ones (one read each)."""
     try:
         shards = expand_shard_urls(args.train_data)
     except ValueError as err:
@@ -216,12 +224,24 @@ def _check_shards(args: argparse.Namespace) -> None:
     missing = [u for u, path in local.items() if not os.path.isfile(path)]
     # open_clip skips unreadable shards; with nothing left to read it loops for ever.
     empty = [u for u, p in local.items() if not missing and not os.path.getsize(p)]
-    for problem, bad in (("do not exist", missing), ("are empty files", empty)):
+    hollow = [u for u, p in local.items() if not missing + empty and _no_members(p)]
+    for problem, bad in (
+        ("do not exist", missing),
+        ("are empty files", empty),
+        ("are tar files without members", hollow),
+    ):
         if bad:
             raise UsageError(
                 f"--train-data: {len(bad)} of {len(shards)} shard(s) {problem}, the "
                 f"first is {bad[0]!r}."
             )
+    return shards
+
+
+def _check_shards(args: argparse.Namespace) -> None:
+    from open_clip_train.data import get_dataset_size
+
+    shards = _readable_shards(args)
     if args.train_num_samples is None and get_dataset_size(args.train_data)[0] is None:
         raise UsageError(
             "--dataset-type webdataset needs --train-num-samples (no sizes.json or "
