@@ -605,3 +605,35 @@ def test_a_batch_without_caption_targets_is_refused_by_name() -> None:
             text_features=features,
             logit_scale=torch.tensor(1.0),
         )
+
+
+def test_resume_latest_skips_a_cut_off_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run killed while saving leaves a truncated newest checkpoint: resume before it."""
+    from xclr_plugin.integrations.open_clip_train.patch import complete_latest
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for epoch in (1, 2, 10):
+        torch.save({"epoch": epoch}, folder / f"epoch_{epoch}.pt")
+    newest = folder / "epoch_10.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    latest = complete_latest(ocm.get_latest_checkpoint)
+    assert ocm.get_latest_checkpoint(str(folder), remote=False).endswith("epoch_10.pt")
+    assert latest(str(folder), remote=False) == str(folder / "epoch_2.pt")
+    assert "skipping the checkpoint" in caplog.text and "epoch_10.pt" in caplog.text
+    for epoch in (1, 2):
+        (folder / f"epoch_{epoch}.pt").write_bytes(b"cut")
+    assert latest(str(folder), remote=False) is None  # none left: start afresh
+
+
+def test_open_clips_own_refusal_is_one_line_exit_2(
+    data: Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """open_clip returns -1 (e.g. a run of the same --name started meanwhile)."""
+    monkeypatch.setattr(ocm, "main", lambda args: -1)
+    assert main(train_args(data, "raced")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("xclr-openclip-train: error: open_clip_train stopped")
+    assert "another run with this --name" in err

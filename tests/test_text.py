@@ -134,3 +134,16 @@ def test_encoder_name_without_loading(encoder: TextEncoder, tmp_path: Any) -> No
     assert encoder_name(default_model_path()) == DEFAULT_MODEL_NAME
     assert encoder_name("org/model") == "org/model"
     assert encoder_name(tmp_path) == str(tmp_path.resolve())
+
+
+def test_captions_past_the_token_limit_warn() -> None:
+    """Past max_seq_length (256 for MiniLM) two captions differing only there are one target."""
+    encoder = TextEncoder()
+    long = " ".join(["word"] * 300)
+    with pytest.warns(
+        UserWarning, match=r"1 of 2 captions are longer than the encoder's 256 tokens"
+    ):
+        rows = encoder.encode([long + " cat", "a short caption"])
+    with pytest.warns(UserWarning):
+        other = encoder.encode([long + " dog"])
+    assert torch.equal(rows[0], other[0])

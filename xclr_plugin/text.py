@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -183,6 +184,22 @@ class TextEncoder:
             f"device={self.device!r}, batch_size={self.batch_size})"
         )
 
+    def _warn_if_cut(self, texts: list[str]) -> None:
+        """Warns when captions exceed the model's token limit: only their start is embedded."""
+        limit = getattr(self._model, "max_seq_length", None)
+        tokenizer = getattr(self._model, "tokenizer", None)
+        if not limit or tokenizer is None:
+            return
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+        if cut := [i for i, n in enumerate(lengths) if n > limit]:
+            warnings.warn(
+                f"{len(cut)} of {len(texts)} captions are longer than the encoder's "
+                f"{limit} tokens (the first: {texts[cut[0]][:60]!r}..., "
+                f"{lengths[cut[0]]} tokens); only their first {limit} tokens are "
+                "embedded, so captions that differ only after that get one target.",
+                stacklevel=3,
+            )
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Embeds texts (not a single string).
 
@@ -206,6 +223,7 @@ class TextEncoder:
                 )
         if not texts:
             return torch.empty(0, self.dim, dtype=torch.float32)
+        self._warn_if_cut(texts)
         with torch.no_grad():
             array = self._model.encode(
                 texts,

@@ -18,7 +18,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +69,14 @@ def shard_identity(url: str) -> dict[str, int] | None:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
+def _digest(caption: str) -> int:
+    digest = hashlib.blake2b(caption.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def caption_digests(captions: Sequence[str]) -> np.ndarray:
     """8-byte BLAKE2b of each caption: a re-captioned sample no longer matches its row."""
-    return np.array(
-        [
-            int.from_bytes(
-                hashlib.blake2b(c.encode(), digest_size=8).digest(), "little"
-            )
-            for c in captions
-        ],
-        dtype=np.uint64,
-    )
+    return np.array([_digest(c) for c in captions], dtype=np.uint64)
 
 
 def unique_shards(urls: Sequence[str]) -> dict[str, str]:
@@ -103,6 +100,8 @@ class ShardEmbeddings:
     keys: list[str]
     embeddings: np.ndarray
     digests: np.ndarray
+    _index: dict[str, int] = field(init=False, repr=False)
+    _digests: list[int] = field(init=False, repr=False)
 
     def row(self, key: str, caption: str | None) -> np.ndarray:
         """The row of ``key``; ValueError naming key and shard if it has none (or another caption)."""
@@ -113,7 +112,7 @@ class ShardEmbeddings:
                 "the shard cache; rebuild the shard's embeddings (xclr-embed-captions "
                 "--format webdataset SHARDS -o DIR)."
             )
-        if caption is not None and caption_digests([caption])[0] != self.digests[index]:
+        if caption is not None and _digest(caption) != self._digests[index]:
             raise ValueError(
                 f"sample {key!r} of shard {self.url!r} has another caption than the "
                 "one embedded in the shard cache (the shard changed); rebuild its "
@@ -121,13 +120,9 @@ class ShardEmbeddings:
             )
         return np.asarray(self.embeddings[index])
 
-    @property
-    def _index(self) -> dict[str, int]:
-        index = self.__dict__.get("_rows")
-        if index is None:
-            index = {key: i for i, key in enumerate(self.keys)}
-            object.__setattr__(self, "_rows", index)
-        return index
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {k: i for i, k in enumerate(self.keys)})
+        object.__setattr__(self, "_digests", self.digests.tolist())
 
 
 def _shard_file(folder: Path, name: str) -> Path:
@@ -223,10 +218,10 @@ class ShardCache:
 
     def load(self, url: str) -> ShardEmbeddings:
         """``url``'s rows (the last few shards stay loaded), checked against the shard now."""
-        name = shard_name(url)
-        if (shard := self._loaded.get(name)) is not None:
-            self._loaded.move_to_end(name)
+        if (shard := self._loaded.get(url)) is not None:
+            self._loaded.move_to_end(url)
             return shard
+        name = shard_name(url)
         path = _shard_file(self.path, name)
         meta = _read_meta(path)
         if meta is None or not _same_content(meta, self.manifest):
@@ -252,7 +247,7 @@ class ShardCache:
         # float32 and re-normalised (as CaptionCache): undoes the float16 rounding.
         unit = F.normalize(rows, dim=-1).numpy()
         shard = ShardEmbeddings(url, keys, unit, digests)
-        self._loaded[name] = shard
+        self._loaded[url] = shard
         if len(self._loaded) > 8:  # a shuffle buffer mixes a few shards at most
             self._loaded.popitem(last=False)
         return shard

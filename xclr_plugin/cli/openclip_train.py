@@ -16,7 +16,16 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     def train() -> int | None:
         with patch_open_clip_train(options) as open_clip_main:
-            return open_clip_main(rest)  # type: ignore[no-any-return]
+            result = open_clip_main(rest)
+        if (
+            result == -1
+        ):  # open_clip printed why (e.g. a run of that --name started meanwhile)
+            raise UsageError(
+                "open_clip_train stopped with the error it printed above (for "
+                "'Experiment already exists': another run with this --name started "
+                "meanwhile; give another --name)."
+            )
+        return result  # type: ignore[no-any-return]
 
     return run_command(PROG, train, errors=(UsageError,))
 

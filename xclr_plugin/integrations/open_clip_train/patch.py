@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import logging
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
@@ -82,6 +84,7 @@ def patch_open_clip_train(options: Options) -> Iterator[Callable[..., Any]]:
         original_parse_args = ocm.parse_args
         stack.enter_context(preserve_logging())
         patch(ocm, "parse_args", parse_args)
+        patch(ocm, "get_latest_checkpoint", complete_latest(ocm.get_latest_checkpoint))
         yield ocm.main
 
 
@@ -95,3 +98,35 @@ def _with_hooks(ocm: Any, dim: int) -> Any:
         return created
 
     return create_model_and_transforms
+
+
+def complete_latest(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``get_latest_checkpoint`` for ``--resume latest`` skipping cut-off checkpoints.
+
+    A run killed while saving leaves a truncated newest ``.pt``; open_clip would crash
+    on it. ``torch.save`` writes a zip whose directory is at the end: an O(1) check.
+    """
+
+    def latest(path: str, remote: bool) -> str | None:
+        found = original(path, remote)
+        if remote or found is None:
+            return found  # type: ignore[no-any-return]
+        candidates = sorted(glob.glob(path + "**/*.pt", recursive=True), key=ocm_key)
+        for candidate in reversed(candidates[: candidates.index(found) + 1]):
+            if zipfile.is_zipfile(candidate):
+                return candidate
+            logging.warning(
+                "%s: skipping the checkpoint %s for --resume latest: it is not a "
+                "complete torch.save file (cut off while it was written?).",
+                PROG,
+                candidate,
+            )
+        return None
+
+    return latest
+
+
+def ocm_key(path: str) -> Any:
+    from open_clip_train.main import natural_key
+
+    return natural_key(path)
