@@ -179,7 +179,12 @@ def _build(options: EmbedOptions) -> int:
     if options.fmt == "webdataset":
         from xclr_plugin.cli.embed_shards import build_shards
 
-        return build_shards(options, _encoder)
+        return build_shards(
+            options.source, options.output, lambda device: _encoder(options, device),
+            device=options.device, dtype=options.dtype,
+            caption_key=options.reader.get("caption_key", "txt"),
+            overwrite=options.overwrite, progress=options.progress,
+        )  # fmt: skip
     records = read_captions(options.source, options.fmt, **options.reader)
     encoder = _encoder(options, options.device)
     start = time.perf_counter()

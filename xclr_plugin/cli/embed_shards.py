@@ -12,7 +12,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,9 +27,6 @@ from xclr_plugin.cache.shards import (
     unique_shards,
 )
 from xclr_plugin.captions.shards import expand_shard_urls
-
-if TYPE_CHECKING:
-    from xclr_plugin.cli.embed_captions import EmbedOptions
 
 
 def _on_rank0(rank: int, work: Callable[[], Any]) -> Any:
@@ -48,36 +46,43 @@ def _on_rank0(rank: int, work: Callable[[], Any]) -> Any:
 
 
 def build_shards(
-    options: EmbedOptions, make_encoder: Callable[[EmbedOptions, str], Any]
+    source: str,
+    output: Path,
+    make_encoder: Callable[[str], Any],
+    *,
+    device: str = "cpu",
+    dtype: str = "float16",
+    caption_key: str = "txt",
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> int:
-    """Embeds the shards of ``options.source`` into ``options.output``; 0 when done."""
-    urls = expand_shard_urls(options.source)
+    """Embeds the shards of ``source`` into ``output`` (``make_encoder(device)``); 0 when done."""
+    urls = expand_shard_urls(source)
     count = len(unique_shards(urls))  # names checked before any work
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = options.device
     if world > 1:
         dist.init_process_group("gloo")  # coordination only: each process encodes alone
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
         start = time.perf_counter()
-        encoder = make_encoder(options, device)
+        encoder = make_encoder(device)
         begun = time.perf_counter()  # the rate leaves out loading the encoder
         manifest = _on_rank0(
             rank,
             lambda: prepare_shard_cache(
-                options.output,
+                output,
                 encoder,
-                dtype=options.dtype,
-                caption_key=options.reader.get("caption_key", "txt"),
-                overwrite=options.overwrite,
+                dtype=dtype,
+                caption_key=caption_key,
+                overwrite=overwrite,
             ),
         )
         bar = tqdm(
             total=count,
             unit="shard",
             desc="Embedding shards",
-            disable=not options.progress or rank != 0,
+            disable=not progress or rank != 0,
         )
         rounds, totals = math.ceil(count / world), torch.zeros(2, dtype=torch.int64)
 
@@ -101,7 +106,7 @@ def build_shards(
 
         entries = embed_shards(
             urls,
-            options.output,
+            output,
             encoder,
             manifest,
             rank=rank,
@@ -118,8 +123,8 @@ def build_shards(
 
         def publish() -> int:
             merged = {k: v for part in gathered for k, v in part.items()}
-            publish_index(options.output, merged)
-            ShardCache.open(options.output, urls)  # every shard there, none changed
+            publish_index(output, merged)
+            ShardCache.open(output, urls)  # every shard there, none changed
             return sum(e["count"] for e in merged.values())
 
         rows = _on_rank0(rank, publish)
@@ -127,7 +132,7 @@ def build_shards(
             print(
                 f"Shard caption cache ready: {rows} embeddings of {count} "
                 f"shard(s) ({manifest['dim']}-d {manifest['dtype']}, encoder "
-                f"{manifest['encoder']}) in {options.output}; {int(totals[1])} "
+                f"{manifest['encoder']}) in {output}; {int(totals[1])} "
                 f"captions embedded now by {world} process(es) in "
                 f"{time.perf_counter() - start:.1f} s."
             )
