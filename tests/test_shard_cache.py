@@ -231,7 +231,9 @@ def test_shard_reader_refuses_what_open_clip_would_read_in_part(tmp_path: Path) 
     )
     dotted = tmp_path / "dotted.tar"
     write_shard(dotted, [("a.b", "x"), ("c.d", "y")])
-    with pytest.raises(ValueError, match=r"'a\.b\.txt' webdataset's key ends at the first dot"):
+    with pytest.raises(
+        ValueError, match=r"'a\.b\.txt' webdataset's key ends at the first dot"
+    ):
         read_shard(str(dotted))
     twice = f"{whole}::{whole}"  # upsampling: one shard listed twice
     assert [(r.filename, r.caption) for r in read_webdataset_captions(twice)] == samples
