@@ -291,6 +291,19 @@ def test_distributed_chunked_equals_dense(
         assert_same(got, per_rank[rank][(mode, local_loss, gather_with_grad)])
 
 
+@pytest.mark.distributed
+def test_distributed_uneven_batch_sizes_are_named_on_every_rank(
+    per_rank: list[dict[Any, dict[str, Any]]],
+) -> None:
+    sizes = [LOCAL_BATCH] * (WORLD - 1) + [LOCAL_BATCH - 1]
+    for rank in range(WORLD):
+        assert per_rank[rank][("uneven", False, False)]["error"] == (
+            f"XCLRClipLoss(world_size={WORLD}) needs the same batch size on every "
+            f"process, got {sizes} (by rank). Drop the last, smaller batch "
+            "(DataLoader(..., drop_last=True))."
+        )
+
+
 class TestChunked:
     """Issue 7: the chunked path equals the dense one (values and every gradient)."""
 

@@ -7,6 +7,7 @@ single-process run on the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -95,7 +96,36 @@ def _rank_results(rank: int, world_size: int, batch: dict[str, Any]) -> dict[str
     results["ntxent"] = _value_and_grads(
         ntxent, batch["out0"][sl], batch["out1"][sl], None
     )
+    results.update(_refusals(rank, world_size, batch["out0"][sl], batch["out1"][sl]))
     return results
+
+
+def _error(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError) as err:
+        return str(err)
+    return ""
+
+
+def _refusals(
+    rank: int, world_size: int, out0: torch.Tensor, out1: torch.Tensor
+) -> dict[str, str]:
+    """Issue 21: what every rank is told (on d50eea5 gloo aborted, naming nothing)."""
+    short = len(out0) - (rank == world_size - 1)  # the last rank's batch is smaller
+    gathered = XCLRLoss(TEMPERATURE, gather_distributed=True)
+    a = out0.clone().requires_grad_(True)
+    return {
+        "uneven": _error(lambda: gathered(out0[:short], out1[:short])),
+        "uneven-bank": _error(
+            lambda: XCLRLoss(memory_bank_size=(32, 6), gather_distributed=True)(
+                a[:short], out1[:short]
+            )
+        ),
+        "double-backward": _error(
+            lambda: torch.autograd.grad(gathered(a, out1), a, create_graph=True)
+        ),
+    }
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
@@ -176,3 +206,26 @@ def test_chunked_equals_whole_batch_per_rank(
             result[f"chunked-{kind}"], result[kind], strict=True
         ):
             torch.testing.assert_close(actual, expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("case", ["uneven", "uneven-bank"])
+def test_uneven_batch_sizes_are_named_on_every_rank(
+    distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]], case: str
+) -> None:
+    world_size, _, ranks = distributed_run
+    n = GLOBAL_BATCH // world_size
+    sizes = [n] * (world_size - 1) + [n - 1]
+    for result in ranks:
+        assert result[case].startswith("gather_distributed needs"), result[case]
+        assert (
+            f"needs the same batch size on every process, got {sizes}" in result[case]
+        )
+
+
+def test_double_backward_under_gathering_is_refused(
+    distributed_run: tuple[int, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    """lightly's gather passes no second derivatives: refused, never a wrong number."""
+    _, _, ranks = distributed_run
+    for result in ranks:
+        assert "supports one backward only" in result["double-backward"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,8 +16,11 @@ from lightly.loss import DCLLoss, DCLWLoss, NTXentLoss
 from omegaconf import OmegaConf
 
 from xclr_plugin import registry
+from xclr_plugin.errors import UsageError
 from xclr_plugin.loss import XCLRLoss
 from xclr_plugin.registry import (
+    LossArgumentError,
+    LossImportError,
     build_criterion,
     clear_cache,
     create_loss,
@@ -60,6 +64,9 @@ TINY_PACKAGE = '''
 
     def not_a_module():
         return 42
+
+
+    NOT_CALLABLE = 42
 '''
 
 
@@ -89,6 +96,7 @@ def tiny_dist(
             "tiny-not-module": "tiny_losses:not_a_module",
             "tiny-missing": "tiny_losses_not_installed.losses:Loss",
             "tiny-no-attr": "tiny_losses:NoSuchLoss",
+            "tiny-not-callable": "tiny_losses:NOT_CALLABLE",
         },
     )
     monkeypatch.syspath_prepend(str(site))
@@ -283,6 +291,16 @@ def test_third_party_errors(tiny_dist: Path) -> None:
         create_loss("tiny-missing")
     with pytest.raises(ImportError, match="NoSuchLoss"):
         create_loss("tiny-no-attr")
+    # Issue 21: every registry error is a UsageError, printed by the commands as one
+    # line (before, these two were plain TypeErrors: a traceback in
+    # xclr-openclip-train, whose command layer catches UsageError only).
+    with pytest.raises(UsageError, match=r"returned int, expected a torch\.nn\.Module"):
+        create_loss("tiny-not-module")
+    with pytest.raises(
+        LossImportError,
+        match=r"'tiny_losses:NOT_CALLABLE' must name a class or factory",
+    ):
+        create_loss("tiny-not-callable")
 
 
 def test_new_distribution_needs_clear_cache(
@@ -315,12 +333,14 @@ def test_conflicting_registrations_are_reported(
     monkeypatch.syspath_prepend(str(site))
     clear_cache()
     assert list_losses().count("ntxent") == 1
-    with pytest.raises(
-        ValueError, match="'ntxent' is registered more than once"
-    ) as err:
+    with pytest.raises(ValueError) as err:
         create_loss("ntxent")
-    assert "tiny_losses:MeanAbsLoss" in str(err.value)
-    assert "lightly.loss:NTXentLoss" in str(err.value)
+    # What differs: the objects, and the distributions (with version and folder).
+    message = str(err.value)
+    assert "Loss name 'ntxent' is registered 2 times for different objects: " in message
+    assert f"'tiny_losses:MeanAbsLoss' by tiny-losses 0.1.0 (at {site})" in message
+    assert "'lightly.loss:NTXentLoss' by xclr-plugin " in message
+    assert "different targets" not in message  # issue 21: not what differs
 
 
 def test_supcon_takes_chunk_size() -> None:
@@ -352,3 +372,147 @@ def test_parameter_names_is_the_one_introspection_helper() -> None:
     assert parameter_names(keyword_only) == ["b", "c"]
     assert parameter_names(factory) is None  # **kwargs
     assert parameter_names(max) is None  # a builtin without a signature
+
+
+# -- issue 21: plugins that fail, arguments of the wrong type ------------------------
+
+BROKEN_PLUGIN = '''
+    """A third-party plugin whose import fails with its own bug."""
+    raise RuntimeError("the plugin's own bug")
+'''
+
+
+@pytest.fixture
+def broken_dist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> Iterator[Path]:
+    site = tmp_path / "broken-site"
+    write_distribution(
+        site,
+        "broken-losses",
+        {"broken_losses": BROKEN_PLUGIN},
+        {"broken-loss": "broken_losses:Loss"},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("broken_losses", None)
+
+
+BROKEN_MESSAGE = (
+    "Loss 'broken-loss' is provided by 'broken_losses:Loss' (registered by "
+    "broken-losses), but importing it failed: RuntimeError: the plugin's own bug."
+)
+
+
+def test_a_plugin_raising_at_import_is_wrapped_like_an_import_error(
+    broken_dist: Path,
+) -> None:
+    """Before: the plugin's RuntimeError reached the user bare."""
+    for call in (create_loss, loss_info):
+        with pytest.raises(LossImportError) as err:
+            call("broken-loss")
+        assert str(err.value) == BROKEN_MESSAGE
+        assert isinstance(err.value, ImportError) and isinstance(err.value, UsageError)
+        assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_listing_by_inputs_leaves_a_broken_plugin_out_with_a_warning(
+    broken_dist: Path,
+) -> None:
+    with pytest.warns(
+        UserWarning, match="Leaving out loss 'broken-loss': Loss 'broken"
+    ):
+        assert list_losses("image-text") == ["clip", "siglip", "xclr-clip"]
+    assert "broken-loss" in list_losses()  # listing names imports nothing
+    assert create_loss("ntxent").temperature == 0.5  # unrelated losses still build
+
+
+def test_commands_print_a_broken_plugin_in_one_line(
+    broken_dist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: an ImportError (RuntimeError) traceback in xclr-openclip-train, a Hydra
+    traceback in xclr-train; --loss ntxent crashed listing the image-text losses."""
+    from xclr_plugin.cli import train as cli_train
+    from xclr_plugin.cli.openclip_train import main as openclip_main
+    from xclr_plugin.integrations.lightly_train.config import load_config
+
+    common = ["--train-data", str(tmp_path / "train.csv"), "--logs", str(tmp_path)]
+    runs = [
+        (lambda: openclip_main(["--loss", "broken-loss", *common]), BROKEN_MESSAGE),
+        (
+            lambda: openclip_main(["--loss", "ntxent", *common]),
+            "needs an image-text loss: clip, siglip, xclr-clip.",
+        ),
+        (
+            lambda: cli_train._run(
+                load_config([f"input_dir={tmp_path}", "criterion.name=broken-loss"])
+            ),
+            BROKEN_MESSAGE,
+        ),
+    ]
+    for run, words in runs:
+        status: object
+        try:
+            status = run()
+        except SystemExit as stop:
+            status = stop.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(lines) == 1, lines
+        assert lines[0].endswith(words) and ": error: " in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        (
+            "xclr",
+            {"gather_distributed": "false"},
+            "gather_distributed must be a bool, got 'false' (str)",
+        ),
+        (
+            "ntxent",
+            {"gather_distributed": 1},
+            "gather_distributed must be a bool, got 1 (int)",
+        ),
+        (
+            "clip",
+            {"local_loss": "false"},
+            "local_loss must be a bool, got 'false' (str)",
+        ),
+        ("clip", {"world_size": "2"}, "world_size must be an int, got '2' (str)"),
+        ("xclr-clip", {"rank": 0.0}, "rank must be an int, got 0.0 (float)"),
+        (
+            "supcon",
+            {"chunk_size": 2.5},
+            "chunk_size must be an int or None, got 2.5 (float)",
+        ),
+        (
+            "xclr",
+            {"temperature": "0.1"},
+            "temperature must be a float, got '0.1' (str)",
+        ),
+        ("xclr", {"temperature": True}, "temperature must be a float, got True (bool)"),
+    ],
+)
+def test_bool_int_and_float_arguments_are_type_checked(
+    name: str, kwargs: dict[str, object], message: str
+) -> None:
+    """Before: 'false' is truthy, so gather_distributed='false' gathered."""
+    with pytest.raises(
+        LossArgumentError, match=rf"^Loss '{name}': {re.escape(message)}\.$"
+    ):
+        create_loss(name, **kwargs)
+
+
+def test_type_checks_accept_what_the_annotations_allow() -> None:
+    import numpy as np
+
+    loss = create_loss(
+        "xclr", temperature=1, chunk_size=np.int64(4), memory_bank_size=[8, 3]
+    )
+    assert (loss.temperature, loss.chunk_size) == (1.0, 4)
+    assert create_loss("xclr", chunk_size=None, temperature=np.float32(0.5))
+    assert create_loss("clip", world_size=1, rank=np.int32(0)).world_size == 1
+    assert create_loss("ntxent", gather_distributed=np.bool_(False))
+    with pytest.raises(UsageError, match=r"inputs must be one of .* got 'bogus'"):
+        list_losses("bogus")  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from xclr_plugin.functional import soft_cross_entropy_dense, xclr_clip_loss_chun
 from xclr_plugin.loss import (
     _compute_dtype,
     _descriptions,
+    check_same_batch_size,
     gather_without_grad,
     similarity_from_targets,
     validate_chunk_size,
@@ -148,6 +149,8 @@ class XCLRClipLoss(ClipLoss):
         """All processes' features in ``ClipLoss``'s layout (the local ones if single)."""
         if self.world_size == 1:
             return image_features, text_features
+        n, device = image_features.shape[0], image_features.device
+        check_same_batch_size(n, device, f"XCLRClipLoss(world_size={self.world_size})")
         everyone: tuple[Tensor, Tensor] = gather_features(
             image_features,
             text_features,

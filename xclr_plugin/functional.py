@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from xclr_plugin.loss import _softmax_, validate_chunk_size, validate_temperature
+from xclr_plugin.loss import (
+    _softmax_,
+    differentiable_grads,
+    needs_plain_ops,
+    validate_chunk_size,
+    validate_temperature,
+)
 
 
 def soft_cross_entropy_dense(logits: Tensor, target_probs: Tensor) -> Tensor:
     """``-(1/n) sum_i sum_j G_ij log softmax_j(l_ij)`` for finite logits, fused.
 
-    The backward forms ``softmax(l) - G`` in place from the saved log-probabilities.
-    A NaN target gives a NaN loss.
+    The backward forms ``softmax(l) - G`` in place. A NaN target gives a NaN loss.
     """
+    if needs_plain_ops():
+        return _soft_cross_entropy(logits, target_probs)
     loss: Tensor = _SoftCrossEntropy.apply(logits, target_probs)
     return loss
+
+
+def _soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """The loss of ``_SoftCrossEntropy`` in plain torch ops (torch.func, create_graph)."""
+    return -(target * torch.log_softmax(logits, dim=1)).sum() / logits.shape[0]
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
@@ -26,17 +39,18 @@ class _SoftCrossEntropy(torch.autograd.Function):
         log_probs = torch.log_softmax(logits, dim=1)
         # Row-wise <G_i, log P_i> without an n x m temporary.
         dots = torch.bmm(target.unsqueeze(1), log_probs.unsqueeze(2))
-        ctx.save_for_backward(log_probs, target)
+        ctx.save_for_backward(logits, target)
         return -dots.sum() / logits.shape[0]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
-    ) -> tuple[Tensor, None]:
-        log_probs, target = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad = log_probs.exp().sub_(target)
-        return grad.mul_(grad_loss / log_probs.shape[0]), None
+    ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives wanted
+            return differentiable_grads(ctx, grad_loss, _soft_cross_entropy)
+        logits, target = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = torch.softmax(logits, dim=1).sub_(target)
+        return grad.mul_(grad_loss / logits.shape[0]), None
 
 
 def xclr_clip_loss_chunked(
@@ -65,25 +79,54 @@ def xclr_clip_loss_chunked(
     chunk = validate_chunk_size(chunk_size)
     if chunk is None:
         raise ValueError("chunk_size must be a positive integer, got None.")
-    if not isinstance(logit_scale, Tensor):
-        logit_scale = torch.as_tensor(
-            logit_scale, dtype=image_rows.dtype, device=image_rows.device
-        )
-    loss: Tensor = _XCLRClipChunked.apply(
-        image_rows,
-        text_rows,
-        image_cols,
-        text_cols,
-        logit_scale,
-        logit_bias,
-        row_descriptions,
-        col_descriptions,
-        1.0 / target_temperature,
-        rank_offset,
-        chunk,
-        mm_dtype,
-    )
+    dtype, device = image_rows.dtype, image_rows.device
+    if not isinstance(logit_scale, Tensor):  # numbers become tensors
+        logit_scale = torch.as_tensor(logit_scale, dtype=dtype, device=device)
+    if logit_bias is not None and not isinstance(logit_bias, Tensor):
+        logit_bias = torch.as_tensor(logit_bias, dtype=dtype, device=device)
+    args = (image_rows, text_rows, image_cols, text_cols, logit_scale, logit_bias)
+    rest = (row_descriptions, col_descriptions, 1.0 / target_temperature)
+    if needs_plain_ops():
+        return _xclr_clip_loss_dense(*args, *rest, rank_offset, mm_dtype)
+    loss: Tensor = _XCLRClipChunked.apply(*args, *rest, rank_offset, mm_dtype, chunk)
     return loss
+
+
+def _xclr_clip_loss_dense(
+    image_rows: Tensor,
+    text_rows: Tensor,
+    image_cols: Tensor,
+    text_cols: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    row_desc: Tensor | None,
+    col_desc: Tensor | None,
+    inv_tau_s: float,
+    offset: int,
+    mm_dtype: torch.dtype | None,
+) -> Tensor:
+    """The loss of ``_XCLRClipChunked`` in plain torch ops, with ``n x m`` matrices:
+    the one torch.func transforms and second derivatives (``create_graph``) use."""
+    dtype, n = image_rows.dtype, image_rows.shape[0]
+
+    def mm(a: Tensor, b: Tensor) -> Tensor:  # products in mm_dtype, as the fused ones
+        low = dtype if mm_dtype is None else mm_dtype
+        return (a.to(low) @ b.to(low).T).to(dtype)
+
+    if row_desc is None or col_desc is None:
+        own = torch.arange(n, device=image_rows.device) + offset
+        target = F.one_hot(own, image_cols.shape[0]).to(dtype)
+    elif row_desc.is_floating_point():
+        target = torch.softmax(mm(row_desc, col_desc) * inv_tau_s, dim=1)
+    else:
+        same = (row_desc[:, None] == col_desc[None, :]).to(dtype)
+        target = torch.softmax(same * inv_tau_s, dim=1)
+    scale = logit_scale.to(dtype).reshape(())
+    bias = 0.0 if logit_bias is None else logit_bias.to(dtype).reshape(())
+    image_logits = scale * mm(image_rows, text_cols) + bias
+    text_logits = scale * mm(text_rows, image_cols) + bias
+    loss = _soft_cross_entropy(image_logits, target)
+    return (loss + _soft_cross_entropy(text_logits, target)) / 2
 
 
 class _XCLRClipChunked(torch.autograd.Function):
@@ -107,9 +150,12 @@ class _XCLRClipChunked(torch.autograd.Function):
         col_desc: Tensor | None,
         inv_tau_s: float,
         offset: int,
-        chunk: int,
         mm_dtype: torch.dtype | None,
+        chunk: int,
     ) -> Tensor:
+        rows_cols = (image_rows, text_rows, image_cols, text_cols)
+        ctx.save_for_backward(*rows_cols, logit_scale, logit_bias)  # type: ignore[arg-type]
+        ctx.args = (row_desc, col_desc, inv_tau_s, offset, mm_dtype)  # type: ignore[attr-defined]
         n, m = image_rows.shape[0], image_cols.shape[0]
         # The products follow autocast (``low``); results land in full precision.
         low = mm_dtype if mm_dtype not in (None, image_rows.dtype) else None
@@ -184,10 +230,12 @@ class _XCLRClipChunked(torch.autograd.Function):
         return total * norm
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives wanted
+            loss_fn = _xclr_clip_loss_dense
+            return differentiable_grads(ctx, grad_loss, loss_fn, *ctx.args)  # type: ignore[attr-defined]
         out = [g * grad_loss for g in ctx.grads]  # type: ignore[attr-defined]
         grad_scale: Tensor = ctx.grad_scale * grad_loss  # type: ignore[attr-defined]
         grad_bias: Tensor | None = ctx.bias_like  # type: ignore[attr-defined]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch import distributed as torch_dist
 
 from lightly.models.modules.memory_bank import MemoryBankModule
 from lightly.utils import dist
@@ -34,7 +33,8 @@ class XCLRLoss(nn.Module):
 
     The target matrix is never materialised and at most one ``2B x 2B`` buffer exists,
     so the loss costs less than NT-Xent. It is computed in float32 (float64 for float64
-    inputs), also under ``torch.autocast``.
+    inputs), also under ``torch.autocast``. Second derivatives (``create_graph=True``)
+    and ``torch.func`` transforms run a plain-autograd copy (``2B x 2B`` memory).
 
     - [0] X-CLR, 2025, https://arxiv.org/abs/2407.18134
     - [1] SimCLR, 2020, https://arxiv.org/abs/2002.05709
@@ -83,7 +83,7 @@ class XCLRLoss(nn.Module):
             "target_temperature", target_temperature
         )
         self.gather_distributed = gather_distributed
-        if gather_distributed and not torch_dist.is_available():
+        if gather_distributed and not torch.distributed.is_available():
             raise ValueError(
                 "gather_distributed is True but torch.distributed is not available. "
                 "Please set gather_distributed=False or install a torch version with "
@@ -134,6 +134,11 @@ class XCLRLoss(nn.Module):
         _validate_views(out0, out1)
         if targets is not None:
             validate_targets(targets, out0)
+        # Without a process group (or with one process) gathering is a no-op, as in
+        # NTXentLoss: a multi-GPU config also runs on one device.
+        gather = self.gather_distributed and dist.world_size() > 1
+        if gather:
+            check_same_batch_size(out0.shape[0], out0.device, "gather_distributed")
         dtype = _compute_dtype(out0.dtype)
         with torch.autocast(device_type=out0.device.type, enabled=False):
             out0 = F.normalize(out0.to(dtype), dim=1)
@@ -147,9 +152,7 @@ class XCLRLoss(nn.Module):
                 return self._forward_memory_bank(out0, out1, targets)
             out0_all = out1_all = targets_all = None
             rank_offset = 0
-            # Without a process group (or with one process) gathering is a no-op, as in
-            # NTXentLoss: a multi-GPU config also runs on one device.
-            if self.gather_distributed and dist.world_size() > 1:
+            if gather:
                 out0_all = torch.cat(dist.gather(out0), dim=0)
                 out1_all = torch.cat(dist.gather(out1), dim=0)
                 if targets is not None:
@@ -173,6 +176,14 @@ class XCLRLoss(nn.Module):
     ) -> Tensor:
         """Anchors ``out0`` against ``[out1_i; bank]``, as ``NTXentLoss`` with a bank."""
         update = out0.requires_grad
+        if update and targets is not None and targets.is_floating_point():
+            bad = (~torch.isfinite(targets).all(dim=1)).nonzero()
+            if len(bad):
+                raise ValueError(
+                    f"targets row {int(bad[0])} (of {len(targets)}) is NaN or infinite; "
+                    "the memory bank would keep it and make the losses of the next "
+                    "batches NaN too. Fix or drop that caption embedding."
+                )
         ptr = int(self.memory_bank.bank_ptr)
         out1, bank = self.memory_bank(out1, update=update)
         assert bank is not None  # the bank is enabled
@@ -217,22 +228,15 @@ class XCLRLoss(nn.Module):
     def _bank_descriptions_for(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Returns a snapshot of the bank's descriptions, allocating them on first use."""
         size = self.memory_bank.size[0]
+        floating = targets.is_floating_point()
         if self.bank_descriptions is None or self.bank_description_valid is None:
-            shape = (size, *targets.shape[1:])
             # Float descriptions follow the embedding bank's dtype (float64 after .double()).
-            dtype = (
-                self.memory_bank.bank.dtype
-                if targets.is_floating_point()
-                else torch.long
-            )
-            self.bank_descriptions = torch.zeros(
-                shape, dtype=dtype, device=targets.device
-            )
-            self.bank_description_valid = torch.zeros(
-                size, dtype=torch.bool, device=targets.device
-            )
+            dtype = self.memory_bank.bank.dtype if floating else torch.long
+            shape = (size, *targets.shape[1:])
+            self.bank_descriptions = targets.new_zeros(shape, dtype=dtype)
+            self.bank_description_valid = targets.new_zeros(size, dtype=torch.bool)
         stored, valid = self.bank_descriptions, self.bank_description_valid
-        if stored.is_floating_point() != targets.is_floating_point() or (
+        if stored.is_floating_point() != floating or (
             stored.shape[1:] != targets.shape[1:]
         ):
             raise ValueError(
@@ -246,28 +250,18 @@ class XCLRLoss(nn.Module):
     @torch.no_grad()
     def _enqueue_descriptions(self, targets: Tensor, ptr: int) -> None:
         """Writes ``targets`` where ``MemoryBankModule`` wrote the matching embeddings."""
-        assert (
-            self.bank_descriptions is not None
-            and self.bank_description_valid is not None
-        )
+        stored, valid = self.bank_descriptions, self.bank_description_valid
+        assert stored is not None and valid is not None
         if self.gather_distributed and dist.world_size() > 1:
             targets = gather_without_grad(targets)
-        size = self.memory_bank.size[0]
         # Same wrap-around rule as MemoryBankModule._dequeue_and_enqueue.
-        end = min(size, ptr + targets.shape[0])
-        self.bank_descriptions[ptr:end] = targets[: end - ptr].to(
-            self.bank_descriptions
-        )
-        self.bank_description_valid[ptr:end] = True
+        end = min(self.memory_bank.size[0], ptr + targets.shape[0])
+        stored[ptr:end] = targets[: end - ptr].to(stored)
+        valid[ptr:end] = True
 
 
 def validate_temperature(name: str, value: object) -> float:
-    """Returns ``value`` as a float if it is a finite number > 0 with a finite inverse
-    in float32 (``value >= 2.94e-39``: the logits are scaled by ``1 / value``).
-
-    Raises:
-        ValueError: Naming ``name`` and the offending value otherwise.
-    """
+    """``value`` as a float if finite and > 0 with ``1 / value`` finite in float32."""
     # numbers.Real admits numpy scalars; bool is an int but never a temperature.
     if (
         isinstance(value, bool)
@@ -288,12 +282,11 @@ def validate_chunk_size(chunk_size: int | None) -> int | None:
     """Returns ``chunk_size`` if it is None or an integer >= 1, else a ValueError."""
     if chunk_size is None:
         return None
-    try:
-        # operator.index admits numpy integers and refuses floats and strings.
-        size = operator.index(chunk_size)
+    try:  # operator.index admits numpy integers and refuses floats and strings.
+        size = 0 if isinstance(chunk_size, bool) else operator.index(chunk_size)
     except TypeError:
         size = 0
-    if isinstance(chunk_size, bool) or size < 1:
+    if size < 1:
         raise ValueError(
             f"chunk_size must be a positive integer or None, got {chunk_size!r}."
         )
@@ -303,17 +296,10 @@ def validate_chunk_size(chunk_size: int | None) -> int | None:
 def similarity_from_targets(
     row_targets: Tensor, col_targets: Tensor | None = None
 ) -> Tensor:
-    """Similarity ``S`` between the descriptions of rows and columns (no gradient).
+    """Similarity ``S`` (no gradient) of rows and columns (default: the rows).
 
-    Args:
-        row_targets: Float description embeddings ``(n, Dt)`` or integer labels
-            ``(n,)``.
-        col_targets: The same kind for the columns; defaults to ``row_targets``.
-
-    Returns:
-        ``(n, m)``: cosine similarities for embeddings (float32, or float64 for float64
-        inputs; a zero embedding is similar to nothing, never NaN), ``1[y_i == y_j]``
-        (float32) for labels.
+    Cosine for float embeddings ``(n, Dt)`` (float32, float64 for float64; a zero
+    embedding is similar to nothing), ``1[y_i == y_j]`` (float32) for labels ``(n,)``.
     """
     with torch.no_grad():
         dtype = _compute_dtype(row_targets.dtype)
@@ -338,28 +324,16 @@ def xclr_loss(
 ) -> Tensor:
     """Two-view X-CLR loss on L2-normalised projections: the functional core.
 
-    Rows are the local views ``[out0; out1]``; columns are all samples' views
-    ``[out0_all; out1_all]`` (by default the local ones). Row ``a`` of local sample
-    ``i`` is scored against every column except itself (column ``rank_offset + i`` of
-    its own view). The result is the mean over the ``2n`` local rows, so the mean over
-    processes that each hold a slice of the columns is the loss of the global batch.
-
-    Args:
-        out0: ``(n, D)`` first-view projections, L2-normalised.
-        out1: ``(n, D)`` second-view projections, L2-normalised.
-        targets: ``(n, Dt)`` float caption embeddings, ``(n,)`` integer labels, or None
-            for the identity graph (NT-Xent).
-        temperature: ``tau``.
-        target_temperature: ``tau_s``.
-        out0_all: ``(m, D)`` view-0 columns; defaults to ``out0``.
-        out1_all: ``(m, D)`` view-1 columns; defaults to ``out1``.
-        targets_all: ``(m, ...)`` descriptions of the columns; defaults to ``targets``.
-        rank_offset: Global index of local sample 0 among the columns.
-        chunk_size: Samples per block (memory linear in the batch, same values and
-            gradients), or None for the whole batch at once.
+    Rows are the local views ``[out0; out1]`` (``(n, D)`` each), columns all samples'
+    views ``[out0_all; out1_all]`` (``(m, D)``, by default the local ones) with their
+    descriptions ``targets_all``. Row ``a`` of local sample ``i`` is scored against
+    every column but itself (column ``rank_offset + i`` of its own view). ``targets``:
+    ``(n, Dt)`` float caption embeddings, ``(n,)`` integer labels, or None (NT-Xent);
+    ``chunk_size``: samples per block (memory linear in the batch, same values).
 
     Returns:
-        The scalar loss, in the dtype of ``out0``.
+        The mean over the ``2n`` local rows (so the mean over processes that each hold
+        a slice of the columns is the global loss), in the dtype of ``out0``.
     """
     temperature = validate_temperature("temperature", temperature)
     target_temperature = validate_temperature("target_temperature", target_temperature)
@@ -369,19 +343,65 @@ def xclr_loss(
     row_desc = col_desc = None
     if targets is not None:
         row_desc, col_desc = _descriptions(targets, targets_all, out0.dtype)
-    loss: Tensor = _XCLRTwoView.apply(
-        out0,
-        out1,
-        cols0,
-        cols1,
-        row_desc,
-        col_desc,
-        1.0 / temperature,
-        1.0 / target_temperature,
-        rank_offset,
-        out0.shape[0] if chunk_size is None else chunk_size,
-    )
+    args = (out0, out1, cols0, cols1, row_desc, col_desc)
+    scales = (1.0 / temperature, 1.0 / target_temperature, rank_offset)
+    if needs_plain_ops():
+        return _xclr_loss_dense(*args, *scales)
+    chunk = out0.shape[0] if chunk_size is None else chunk_size
+    loss: Tensor = _XCLRTwoView.apply(*args, *scales, chunk, out0_all is not None)
     return loss
+
+
+def _xclr_loss_dense(
+    z0: Tensor,
+    z1: Tensor,
+    c0: Tensor,
+    c1: Tensor,
+    row_desc: Tensor | None,
+    col_desc: Tensor | None,
+    inv_tau: float,
+    inv_tau_s: float,
+    offset: int,
+) -> Tensor:
+    """``_XCLRTwoView``'s loss in plain ops (2n x 2m): for torch.func and create_graph."""
+    n, m = z0.shape[0], c0.shape[0]
+    own = torch.arange(n, device=z0.device) + offset
+    is_self = F.one_hot(torch.cat([own, own + m]), 2 * m).bool()
+    is_other = is_self.roll(m, dims=1)  # the other view of the same sample
+    logits = torch.cat([z0, z1]) @ torch.cat([c0, c1]).T * inv_tau
+    log_probs = torch.log_softmax(logits.masked_fill(is_self, -math.inf), dim=1)
+    if row_desc is None or col_desc is None:
+        target_probs = is_other.to(log_probs.dtype)
+    else:
+        sim = similarity_from_targets(row_desc, col_desc).to(log_probs.dtype)
+        sim = sim.repeat(2, 2).masked_fill(is_other, 1.0) * inv_tau_s
+        target_probs = torch.softmax(sim.masked_fill(is_self, -math.inf), dim=1)
+    return -(target_probs * log_probs.masked_fill(is_self, 0.0)).sum() / (2 * n)
+
+
+def needs_plain_ops() -> bool:
+    """Whether torch.func or forward-mode AD runs: the fused Functions support neither."""
+    forward_ad = torch.autograd.forward_ad._current_level >= 0  # in a dual_level
+    return forward_ad or bool(torch._C._are_functorch_transforms_active())
+
+
+def differentiable_grads(
+    ctx: torch.autograd.function.FunctionCtx,
+    grad_loss: Tensor,
+    loss_fn: Callable[..., Tensor],
+    *args: object,
+) -> tuple[Tensor | None, ...]:
+    """A fused Function's backward under ``create_graph=True``: the gradients, with a
+    graph, of the plain ``loss_fn(*ctx.saved_tensors, *args)`` (the fused ones are
+    constants: second derivatives would silently lose terms).
+    """
+    needs, saved = ctx.needs_input_grad, ctx.saved_tensors  # type: ignore[attr-defined]
+    # A view per input: a tensor passed twice (rows and columns) gets each slot's part.
+    inputs = [t.view_as(t) if need else t for t, need in zip(saved, needs)]  # noqa: B905
+    wanted = [t for t, need in zip(inputs, needs) if need]  # noqa: B905
+    loss = loss_fn(*inputs, *args)
+    grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _descriptions(
@@ -435,7 +455,8 @@ class _XCLRTwoView(torch.autograd.Function):
     a block's ``P`` exists: ``tau^-1 (P - G) cols`` for the rows and
     ``tau^-1 (P - G)^T rows`` for the columns. The forward accumulates these per block
     of ``chunk`` samples and keeps only them (linear in the batch); the backward scales
-    them. Nothing is recomputed, and the peak memory is one ``2 chunk x 2m`` block.
+    them. The peak memory is one ``2 chunk x 2m`` block. Under ``create_graph=True``
+    the backward differentiates :func:`_xclr_loss_dense` instead (dense memory).
     """
 
     @staticmethod
@@ -451,7 +472,10 @@ class _XCLRTwoView(torch.autograd.Function):
         inv_tau_s: float,
         offset: int,
         chunk: int,
+        gathered: bool,
     ) -> Tensor:
+        ctx.save_for_backward(z0, z1, c0, c1)
+        ctx.args = (row_desc, col_desc, inv_tau, inv_tau_s, offset, gathered)  # type: ignore[attr-defined]
         n, m = z0.shape[0], c0.shape[0]
         chunk = min(chunk, n)
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
@@ -550,16 +574,26 @@ class _XCLRTwoView(torch.autograd.Function):
         return total / (2 * n)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
+        *scales, gathered = ctx.args  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives wanted
+            if gathered:
+                raise RuntimeError(
+                    "XCLRLoss with gathered columns (gather_distributed=True, or "
+                    "out0_all/out1_all) supports one backward only: lightly's gather "
+                    "passes no second derivatives between processes. Use "
+                    "create_graph=True (double backward, gradient penalties) in a "
+                    "single process or without gather_distributed."
+                )
+            return differentiable_grads(ctx, grad_loss, _xclr_loss_dense, *scales)
         grads: list[Tensor | None] = []
         for acc in (ctx.grad_rows, ctx.grad_cols):  # type: ignore[attr-defined]
             # Both views' halves (rows: z0, z1; columns: c0, c1), or no gradient.
             halves = [None, None] if acc is None else list(acc.chunk(2))
             grads += [None if h is None else h * grad_loss for h in halves]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _softmax_(logits: Tensor) -> Tensor:
@@ -572,22 +606,34 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_same_batch_size(batch_size: int, device: torch.device, what: str) -> None:
+    """A ValueError on every process if their batch sizes differ (gloo would abort)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return  # no process group (a faked gather in tests): nothing to compare
+    own = torch.full((1,), batch_size, dtype=torch.long, device=device)
+    sizes = [torch.empty_like(own) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(sizes, own)
+    found = [int(s) for s in sizes]
+    if len(set(found)) > 1:
+        raise ValueError(
+            f"{what} needs the same batch size on every process, got {found} (by rank)."
+            " Drop the last, smaller batch (DataLoader(..., drop_last=True))."
+        )
+
+
 def gather_without_grad(tensor: Tensor) -> Tensor:
     """Concatenates ``tensor`` (descriptions) from all processes, without gradient."""
     if dist.world_size() == 1:
         return tensor.detach()
     parts = [torch.empty_like(tensor) for _ in range(dist.world_size())]
-    torch_dist.all_gather(parts, tensor.detach().contiguous())
+    torch.distributed.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts, dim=0)
 
 
 def _validate_memory_bank_size(size: object) -> int | tuple[int, int]:
-    """Returns ``size`` as 0 or a ``(num_entries, dim)`` pair of integers.
-
-    Raises:
-        TypeError: If ``size`` is neither an integer nor a sequence of two integers.
-        ValueError: If ``size`` is a positive bare integer (no feature dimension, as in
-            ``MemoryBankModule``) or has negative entries.
+    """``size`` as 0 or a ``(num_entries, dim)`` pair of integers: TypeError for
+    other types, ValueError for a bare positive integer (no feature dimension, as in
+    ``MemoryBankModule``) or negative entries.
     """
     expected = "0 (no memory bank) or a (num_entries, dim) pair such as (4096, 128)"
     if isinstance(size, (str, bytes)) or not isinstance(size, (int, Sequence)):
@@ -603,8 +649,7 @@ def _validate_memory_bank_size(size: object) -> int | tuple[int, int]:
                 "memory_bank_size=0 to disable the memory bank."
             )
         return 0
-    try:
-        # operator.index admits numpy integers and refuses floats and strings.
+    try:  # operator.index admits numpy integers and refuses floats and strings.
         pair = tuple(operator.index(x) for x in size if not isinstance(x, (bool, str)))
     except TypeError:
         pair = ()
@@ -631,6 +676,11 @@ def _validate_views(out0: Tensor, out1: Tensor) -> None:
             raise ValueError(
                 f"{name} must have a floating point dtype, got {out.dtype}."
             )
+    if out0.dtype != out1.dtype and torch.float64 in (out0.dtype, out1.dtype):
+        raise ValueError(  # as NTXentLoss; computed in either precision it is wrong
+            f"out0 and out1 must have the same dtype, got {out0.dtype} and "
+            f"{out1.dtype}. Cast one of them."
+        )
     if out0.shape != out1.shape:
         raise ValueError(
             f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and "

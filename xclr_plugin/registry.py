@@ -2,7 +2,9 @@
 
 A distribution registers a :class:`torch.nn.Module` class or factory in its
 ``pyproject.toml`` (``[project.entry-points."xclr_plugin.losses"]``, ``my-loss =
-"my_package.losses:MyLoss"``); nothing is imported until a name is asked for.
+"my_package.losses:MyLoss"``); nothing is imported until a name is asked for. Every
+error raised here is a :class:`~xclr_plugin.errors.UsageError`: a command prints it as
+one line.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import difflib
 import functools
 import importlib.metadata
 import inspect
+import numbers
+import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from torch import nn
 
+from xclr_plugin.errors import UsageError
 from xclr_plugin.loss import XCLRLoss
 
 ENTRY_POINT_GROUP = "xclr_plugin.losses"
@@ -44,6 +50,15 @@ _INSTALL_HINTS: dict[str, str] = {
 }
 
 
+class LossImportError(UsageError, ImportError):
+    """A registered loss cannot be imported (whatever its module raises) or names
+    nothing callable."""
+
+
+class LossArgumentError(UsageError, TypeError):
+    """Arguments a loss does not take or of the wrong type; a factory's non-module."""
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss: where it comes from and what its ``forward`` expects.
@@ -68,22 +83,24 @@ class LossSpec:
         """Imports the registered class or factory.
 
         Raises:
-            ImportError: If it cannot be imported (with the install command if known).
-            TypeError: If the entry point names something not callable.
+            LossImportError: If importing it fails, whatever the error (naming the
+                loss, its entry point, its distribution, the error and, if known, the
+                install command), or it names something not callable.
         """
         ep = importlib.metadata.EntryPoint(self.name, self.value, ENTRY_POINT_GROUP)
         try:
             obj = ep.load()
-        except (ImportError, AttributeError) as err:
+        except Exception as err:  # a plugin may raise anything at import
             hint = _INSTALL_HINTS.get(self.module.split(".")[0])
             extra = f" Install it: {hint}" if hint else ""
-            raise ImportError(
+            kind = "" if isinstance(err, ImportError) else f"{type(err).__name__}: "
+            raise LossImportError(
                 f"Loss '{self.name}' is provided by '{self.value}' (registered by "
                 f"{self.distribution or 'an unknown distribution'}), but importing it "
-                f"failed: {err}.{extra}"
+                f"failed: {kind}{err}.{extra}"
             ) from err
         if not callable(obj):
-            raise TypeError(
+            raise LossImportError(
                 f"Loss '{self.name}': entry point '{self.value}' must name a class or "
                 f"factory function, got {type(obj).__name__}."
             )
@@ -105,9 +122,28 @@ def clear_cache() -> None:
     importlib.invalidate_caches()
 
 
-def list_losses() -> list[str]:
-    """The names accepted by :func:`create_loss`, sorted (imports nothing)."""
-    return sorted(_entry_points())
+def list_losses(inputs: InputKind | None = None) -> list[str]:
+    """The names accepted by :func:`create_loss`, sorted (imports nothing).
+
+    With ``inputs``, only the losses whose ``forward`` takes those inputs. Finding a
+    third-party loss's kind imports it; one that cannot be loaded is left out with a
+    warning naming it and its error.
+    """
+    names = sorted(_entry_points())
+    if inputs is None:
+        return names
+    if inputs not in get_args(InputKind):
+        raise UsageError(
+            f"inputs must be one of {get_args(InputKind)} or None, got {inputs!r}."
+        )
+    fitting = []
+    for name in names:
+        try:
+            if loss_info(name).inputs == inputs:
+                fitting.append(name)
+        except UsageError as err:
+            warnings.warn(f"Leaving out loss '{name}': {err}", stacklevel=2)
+    return fitting
 
 
 def loss_info(name: str) -> LossSpec:
@@ -118,25 +154,26 @@ def loss_info(name: str) -> LossSpec:
     (default ``"two-view"``, ``"none"``).
 
     Raises:
-        ValueError: If the name is not registered (naming the available names and the
-            closest match), is registered by several distributions with different
-            targets, or declares an unknown kind.
+        UsageError: If the name is not registered (naming the available names and the
+            closest match), is registered for different objects (naming them and their
+            distributions), or declares an unknown kind.
+        LossImportError: If a third-party loss cannot be imported.
     """
     eps = _entry_points().get(name, []) if isinstance(name, str) else None
     if not eps:  # [] for an unregistered string, None for a non-string
         names = list_losses()
         close = difflib.get_close_matches(name, names, 1) if eps is not None else []
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
+        raise UsageError(
             f"Unknown loss name {name!r}.{hint} Available losses: "
             f"{', '.join(names) or 'none'} (registered under the entry-point group "
             f"'{ENTRY_POINT_GROUP}')."
         )
     if len(eps) > 1:
-        owners = ", ".join(f"'{ep.value}' ({_distribution_name(ep)})" for ep in eps)
-        raise ValueError(
-            f"Loss name '{name}' is registered more than once with different targets: "
-            f"{owners}. Uninstall one of the distributions."
+        owners = "; ".join(f"'{ep.value}' by {_origin(ep)}" for ep in eps)
+        raise UsageError(
+            f"Loss name '{name}' is registered {len(eps)} times for different objects: "
+            f"{owners}. Uninstall one of the distributions or rename its entry point."
         )
     ep = eps[0]
     value, distribution = ep.value.strip(), _distribution_name(ep)
@@ -146,7 +183,7 @@ def loss_info(name: str) -> LossSpec:
     inputs: InputKind = getattr(obj, "loss_inputs", "two-view")
     targets: TargetKind = getattr(obj, "loss_targets", "none")
     if inputs not in get_args(InputKind) or targets not in get_args(TargetKind):
-        raise ValueError(
+        raise UsageError(
             f"Loss '{name}' ('{value}') declares loss_inputs={inputs!r} and "
             f"loss_targets={targets!r}; expected loss_inputs in {get_args(InputKind)} "
             f"and loss_targets in {get_args(TargetKind)}."
@@ -157,6 +194,14 @@ def loss_info(name: str) -> LossSpec:
 def _distribution_name(ep: importlib.metadata.EntryPoint) -> str | None:
     dist = getattr(ep, "dist", None)
     return None if dist is None else str(dist.metadata["Name"])
+
+
+def _origin(ep: importlib.metadata.EntryPoint) -> str:
+    """``name version (at folder)`` of the distribution registering ``ep``."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "an unknown distribution"
+    return f"{dist.metadata['Name']} {dist.version} (at {dist.locate_file('')})"
 
 
 def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
@@ -182,14 +227,40 @@ def parameter_names(factory: Callable[..., Any]) -> list[str] | None:
     return [p.name for p in params if p.kind in keyword]
 
 
+def _scalar_kind(parameter: inspect.Parameter) -> tuple[type, bool] | None:
+    """``(bool | int | float, None allowed)`` for a parameter annotated (or without
+    annotation, defaulting to) one of these types; None for any other."""
+    annotation, default = parameter.annotation, parameter.default
+    if annotation is inspect.Parameter.empty:
+        kind = type(default)
+        return (kind, False) if kind in (bool, int, float) else None
+    if not isinstance(annotation, str):
+        annotation = inspect.formatannotation(annotation)
+    text = annotation.replace("typing.", "").replace(" ", "")
+    bare = re.sub(r"^Optional\[(.*)\]$|\|None$|^None\|", r"\1", text)
+    scalar = {"bool": bool, "int": int, "float": float}.get(bare)
+    return None if scalar is None else (scalar, bare != text or default is None)
+
+
+def _is_a(value: object, kind: type, optional: bool) -> bool:
+    """Whether ``value`` fits: a bool is no int or float; numpy scalars are."""
+    if value is None:
+        return optional
+    is_bool = type(value).__name__ in ("bool", "bool_")  # also numpy's bools
+    if is_bool or kind is bool:
+        return is_bool and kind is bool
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
+
+
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
     """Builds a registered loss by name, passing ``kwargs`` to its constructor.
 
     Raises:
-        ValueError: If the name is not registered (naming the closest match).
-        TypeError: If the loss does not accept one of ``kwargs`` (naming the loss and
-            its parameters) or does not return a :class:`torch.nn.Module`.
-        ImportError: If the library that provides the loss is not installed.
+        UsageError: If the name is not registered (naming the closest match).
+        LossArgumentError: If the loss does not accept one of ``kwargs`` (naming the
+            loss and its parameters), a bool, int or float parameter gets another type
+            (``gather_distributed='false'``), or it returns no :class:`torch.nn.Module`.
+        LossImportError: If the library that provides the loss cannot be imported.
 
     Examples:
         >>> criterion = create_loss("ntxent", temperature=0.5, gather_distributed=True)
@@ -202,13 +273,22 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     except TypeError as err:
         names = parameter_names(factory)
         accepted = "any keyword arguments" if names is None else ", ".join(names)
-        raise TypeError(
+        raise LossArgumentError(
             f"Loss '{name}' ({spec.value}) does not accept the arguments "
             f"{sorted(kwargs)}: {err}. It accepts: {accepted or 'no keyword arguments'}."
         ) from None
+    parameters = {} if signature is None else signature.parameters
+    for key, value in kwargs.items():
+        kind = _scalar_kind(parameters[key]) if key in parameters else None
+        if kind is not None and not _is_a(value, *kind):
+            expected = {bool: "a bool", int: "an int", float: "a float"}[kind[0]]
+            raise LossArgumentError(
+                f"Loss '{name}': {key} must be {expected}{' or None' * kind[1]}, got "
+                f"{value!r} ({type(value).__name__})."
+            )
     loss = factory(**kwargs)
     if not isinstance(loss, nn.Module):
-        raise TypeError(
+        raise LossArgumentError(
             f"Loss '{name}': '{spec.value}' returned {type(loss).__name__}, expected a "
             f"torch.nn.Module."
         )

@@ -89,6 +89,23 @@ def test_xclr_chunked_equals_dense(chunk_size):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_xclr_second_derivatives_match_dense(chunk_size):
+    # create_graph=True (gradient penalties): the Hessian term is kept.
+    image, text = _features(batch_size=5)
+    image.requires_grad_()
+    captions = torch.randn(5, 4, dtype=torch.float64)
+    logit_scale = torch.tensor(10.0, dtype=torch.float64)
+    penalties = []
+    for loss_fn in (
+        lambda i: XCLRClipLoss(chunk_size=chunk_size)(i, text, logit_scale, targets=captions),
+        lambda i: _soft_clip_loss(i, text, logit_scale, captions, 0.1),
+    ):
+        (grad,) = torch.autograd.grad(loss_fn(image), image, create_graph=True)
+        penalties.append(torch.autograd.grad(grad.pow(2).sum(), image)[0])
+    torch.testing.assert_close(*penalties, rtol=1e-10, atol=1e-10)
+
+
 def test_xclr_output_dict():
     image, text = _features()
     out = XCLRClipLoss(target_mode="clip-text")(image, text, torch.tensor(10.0), output_dict=True)

@@ -1,4 +1,5 @@
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -143,6 +144,24 @@ class TestXCLRLoss:
         )
         torch.testing.assert_close(out0.grad, grad0, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out1.grad, grad1, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("chunk_size", [None, 2])
+    def test_second_derivatives_match_dense(self, chunk_size: Optional[int]) -> None:
+        # create_graph=True (gradient penalties): the Hessian term is kept.
+        torch.manual_seed(0)
+        out0 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        out1 = torch.randn(5, 4, dtype=torch.float64)
+        captions = torch.randn(5, 3, dtype=torch.float64)
+        penalties = []
+        for loss_fn in (
+            XCLRLoss(chunk_size=chunk_size),
+            lambda a, b, c: _calc_xclr_loss_manual(a, b, c, 0.1, 0.1),
+        ):
+            (grad,) = torch.autograd.grad(
+                loss_fn(out0, out1, captions), out0, create_graph=True
+            )
+            penalties.append(torch.autograd.grad(grad.pow(2).sum(), out0)[0])
+        torch.testing.assert_close(*penalties, rtol=1e-10, atol=1e-10)
 
     def test_distinct_captions_low_target_temperature_equals_ntxent(self) -> None:
         torch.manual_seed(0)
