@@ -9,6 +9,7 @@ merge or shift silently are refused with a message naming the file and row.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from xclr_plugin.captions import (
 
 CsvDataset = pytest.importorskip("open_clip_train.data").CsvDataset
 
+NFC = "café.png"
 ROWS = "".join(f"img{i}.png\tcaption {i}\n" for i in range(300))
 
 
@@ -136,6 +138,14 @@ SILENTLY_WRONG_IN_OPEN_CLIP: dict[str, tuple[str, str]] = {
     "duplicate_image": (
         "filepath\ttitle\na.png\tcat\nb.png\tdog\na.png\tcat again\n",
         r"line 4: duplicate file name 'a\.png' \(first at line 2\)",
+    ),  # Issue 21, wrong 4: one image under two spellings (open_clip opens one file twice).
+    "duplicate_image_spelt_twice": (
+        "filepath\ttitle\na.png\tcat\nsub/../a.png\tdog\n./a.png\tcat again\n",
+        r"line 3: duplicate file name 'sub/\.\./a\.png' \(first at line 2, as 'a\.png'\)",
+    ),
+    "duplicate_image_nfc_and_nfd": (
+        f"filepath\ttitle\n{NFC}\tcat\n{unicodedata.normalize('NFD', NFC)}\tdog\n",
+        rf"line 3: duplicate file name .* \(first at line 2, as '{NFC}'\)",
     ),
 }
 

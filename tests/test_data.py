@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _image_modes import ATOL, MODES, WIDE, mean_of, write_mode_images
 from lightly.data import LightlyDataset
 from lightly.transforms import SimCLRTransform
 from PIL import Image
@@ -64,6 +65,15 @@ def flat_folder(tmp_path: Path) -> Path:
         "filename,caption\n" + "\n".join(rows[::-1]) + "\n"
     )
     return folder
+
+
+@pytest.fixture(scope="module")
+def mode_folder(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, float]]:
+    """One image per PIL mode and its hand-computed mean."""
+    folder = tmp_path_factory.mktemp("modes")
+    return folder, write_mode_images(folder)
 
 
 @pytest.fixture()
@@ -186,13 +196,17 @@ def test_error_missing_image(tsv: Path, flat_folder: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"3_yellow\.png"):
         CaptionedImageDataset.from_source(tsv)
     # a sidecar naming an image that is not in the folder
-    with pytest.raises(FileNotFoundError, match=r"not found in .*'3_yellow\.png'"):
+    with pytest.raises(
+        ValueError, match=r"names 1 image.* '3_yellow\.png': there is no such"
+    ):
         read_folder_captions(flat_folder)
 
 
 def test_error_image_without_caption(flat_folder: Path) -> None:
     _write_image(flat_folder / "9_extra.png", "red")
-    with pytest.raises(ValueError, match=r"Image '9_extra\.png' in .* has no caption"):
+    with pytest.raises(
+        ValueError, match=r"1 of 9 image\(s\) in .* no caption, e.g\. '9_extra"
+    ):
         read_folder_captions(flat_folder)
 
 
@@ -218,6 +232,18 @@ def test_error_duplicate_file_names(tmp_path: Path) -> None:
         ValueError, match=r"line 4: duplicate file name 'a\.png' \(first at line 2\)"
     ):
         read_csv_captions(path)
+    jsonl = tmp_path / "caps.jsonl"  # one image, two spellings (issue 21, wrong 4)
+    jsonl.write_text(
+        json.dumps({"filename": "a.png", "caption": "a cat"})
+        + "\n"
+        + json.dumps({"filename": "./a.png", "caption": "a dog"})
+        + "\n"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"line 2: duplicate file name '\./a\.png' \(first at line 1, as",
+    ):
+        read_jsonl_captions(jsonl)
     with pytest.raises(ValueError, match="duplicate file name"):
         CaptionedImageDataset(
             [CaptionRecord("a.png", "x"), CaptionRecord("a.png", "y")],
@@ -443,3 +469,25 @@ def test_collate_refuses_a_captions_object_without_lookup() -> None:
         TypeError, match="captions must be a CaptionCache or CaptionTable"
     ):
         XCLRCollate({"a.png": [1.0]})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_every_image_mode_loads_with_its_hand_computed_mean(
+    mode_folder: tuple[Path, dict[str, float]], name: str
+) -> None:
+    """Issue 21, wrong 6: 16- and 32-bit grey images are scaled, not clipped white."""
+    folder, means = mode_folder
+    dataset = CaptionedImageDataset([CaptionRecord(name, "a flat colour")], root=folder)
+    image, _, _ = dataset[0]
+    assert mean_of(image) == pytest.approx(means[name], abs=ATOL)
+    if name in WIDE:  # what PIL's own conversion (torchvision's loader) gives
+        with Image.open(folder / name) as raw:
+            assert mean_of(raw.convert("RGB")) == 1.0
+
+
+def test_float_images_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """Found in the adversarial round: PIL reads a [0, 1] float image as black."""
+    Image.fromarray(torch.full((8, 8), 0.5).numpy()).save(tmp_path / "f.tif")
+    dataset = CaptionedImageDataset([CaptionRecord("f.tif", "grey")], root=tmp_path)
+    with pytest.raises(OSError, match=r"f\.tif \(item 0\): ValueError: a 32-bit float image \(PIL mode F\)"):  # fmt: skip
+        dataset[0]

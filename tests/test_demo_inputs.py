@@ -1,20 +1,28 @@
 """``xclr-demo`` on bad or unusual input: one-line errors before any training.
 
-Each case here was wrong at 93d1533 (issue 12, items 10-14).
+The first cases were wrong at 93d1533 (issue 12, items 10-14), the last at 22a96da
+(issue 21: image modes, stale results, memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from _image_modes import ATOL, MODES, mean_of, write_mode_images
 from PIL import Image
 
 from xclr_plugin import demo
 from xclr_plugin.captions import CaptionRecord
+from xclr_plugin.demo.data import _read_image
 
 pytest.importorskip("sklearn")
 
@@ -179,3 +187,92 @@ def test_non_finite_loss_is_one_line_and_exit_1(
     rc = demo.main(["--data", str(tsv), *FAST, "--output", str(tmp_path / "o")])
     assert rc == 1
     assert "lower --lr" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_every_image_mode_reads_with_its_hand_computed_mean(
+    tmp_path: Path, name: str
+) -> None:
+    """Issue 21, wrong 6: a mid-grey 16-bit image read as white (mean 1.0)."""
+    means = write_mode_images(tmp_path)
+    image = _read_image(str(tmp_path / name), 8)
+    assert mean_of(image) == pytest.approx(means[name], abs=ATOL)
+
+
+class HashEncoder:
+    """Stands in for the sentence encoder: a fixed random unit vector per caption."""
+
+    name, dim = "hash", 8
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = [
+            torch.randn(
+                8, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))
+            )
+            for t in texts
+        ]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+def test_images_are_kept_as_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rough (memory): 3 * S * S bytes per image, no float copies (were 4x, twice);
+    a warning above the documented size."""
+    tsv = _tsv(tmp_path, [0, 1])
+    config = demo.DemoConfig(data=str(tsv), image_size=16, min_class_size=2)
+    monkeypatch.setattr("xclr_plugin.demo.data.MEMORY_WARNING_BYTES", 20 * 768 - 1)
+    with pytest.warns(UserWarning, match="20 images of 16 px take 0.0 GiB"):
+        data = demo.load_task(str(tsv), config, HashEncoder(), progress=False)
+    assert data.pixels.dtype == torch.uint8 and data.pixels.shape == (20, 3, 16, 16)
+    assert [f.name for f in dataclasses.fields(data) if isinstance(getattr(data, f.name), torch.Tensor) and getattr(data, f.name).shape[-2:] == (16, 16)] == ["pixels"]  # fmt: skip
+
+
+def test_changed_data_retrains_and_unchanged_data_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 21, wrong 7: a re-run after the CSV or an image changed printed
+    "reusing" and reported the old data's scores."""
+    monkeypatch.setattr("xclr_plugin.text.TextEncoder", HashEncoder)
+    monkeypatch.setattr("xclr_plugin.demo.cli.report", lambda *args: "no figure")
+    tsv = _tsv(tmp_path, [0, 1])
+    argv = ["--data", str(tsv), *FAST, "--min-class-size", "2", "--probe-draws", "1",
+            "--output", str(tmp_path / "o")]  # fmt: skip
+    assert demo.main(argv) == 0
+    capsys.readouterr()
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("xclr_plugin.demo.cli.train_method", no_training)
+    image = tmp_path / "img" / "1_3.png"
+    os.utime(image, (1, 1))  # touched, same content: the same data
+    assert demo.main(argv) == 0
+    assert "reusing" in capsys.readouterr().out
+    text = tsv.read_text(encoding="utf-8")
+    tsv.write_text(text.replace("square 0 number 0", "a new caption"), encoding="utf-8")
+    with pytest.raises(AssertionError, match="trained again"):
+        demo.main(argv)
+    tsv.write_text(text, encoding="utf-8")
+    with Image.open(image) as im:  # one pixel changed
+        changed = im.copy()
+    changed.putpixel((0, 0), (0, 0, 0))
+    changed.save(image)
+    with pytest.raises(AssertionError, match="trained again"):
+        demo.main(argv)
+
+
+def test_float_and_transparent_16_bit_images(tmp_path: Path) -> None:
+    """Found in the adversarial round: a [0, 1] float image read as black, a 16-bit
+    grey PNG with a transparent grey level as white."""
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"Cannot read image .*f\.tif: a 32-bit float image \(PIL mode F\)"):  # fmt: skip
+        _read_image(str(tmp_path / "f.tif"), 8)
+    grey = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    grey.save(tmp_path / "t.png", transparency=0)
+    with Image.open(tmp_path / "t.png") as image:
+        assert image.mode == "I;16" and "transparency" in image.info
+    assert mean_of(_read_image(str(tmp_path / "t.png"), 8)) == pytest.approx(32768 / 65535, abs=ATOL)  # fmt: skip

@@ -27,7 +27,10 @@ from xclr_plugin.integrations.lightly_train import (
     train,
     training,
 )
-from xclr_plugin.integrations.lightly_train.config import CriterionConfig
+from xclr_plugin.integrations.lightly_train.config import (
+    CriterionConfig,
+    ModelConfig,
+)
 from xclr_plugin.loss import XCLRLoss
 from xclr_plugin.text import TextEncoder
 
@@ -395,7 +398,7 @@ def test_captions_not_covering_the_images(tmp_path: Path, no_training: None) -> 
     sidecar.write_text(
         "filename,caption\n" + "".join(f"{n},c {n}\n" for n in [*names[:3], "3.png"])
     )
-    with pytest.raises(ValueError, match=r"'03\.png' .* has no caption"):
+    with pytest.raises(ValueError, match=r"no caption, e\.g\. '03\.png'"):
         train(
             load_config(
                 [
@@ -536,6 +539,29 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     (dangling / "04.png").symlink_to(tmp_path / "nowhere.png")
     zero = _folder_with(tmp_path, "zero", 4)
     (zero / "04.png").write_bytes(b"")
+    # Issue 21, wrong 5: 4 top-level images and 12 in subfolders, all captioned;
+    # LightlyDataset lists only the 12 (torchvision's ImageFolder).
+    nested = tmp_path / "nested"
+    names = [*_write_images(nested, 4, seed=7)]
+    for sub in ("a", "b", "c"):
+        names += [f"{sub}/{n}" for n in _write_images(nested / sub, 4, seed=8)]
+    rows = "".join(f"{n},a caption of {n}\n" for n in names)
+    (nested / "captions.csv").write_text("filename,caption\n" + rows)
+    (tmp_path / "nested.tsv").write_text(
+        "filepath\ttitle\n" + "".join(f"{nested / n}\tcaption {n}\n" for n in names)
+    )
+    deleted = _folder_with(tmp_path, "deleted", 4)  # a row for a deleted image
+    with open(deleted / "captions.csv", "a") as handle:
+        handle.write("gone.png,a caption of a deleted image\n")
+    twice = _folder_with(tmp_path, "twice", 4)  # wrong 4: one image, two spellings
+    with open(twice / "captions.csv", "a") as handle:
+        handle.write("./00.png,a second caption\n")
+    other = ModelConfig(width=0.5, num_ftrs=16, out_dim=16)  # FAST's is 0.25 wide
+    weights = training.build_model(other).state_dict()
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in weights.items()}},
+        tmp_path / "other.ckpt",
+    )
     return {
         "good": good,
         "corrupt": corrupt,
@@ -549,6 +575,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
         "dangling": dangling,
         "zero": zero,
         "missing": tmp_path / "missing",
+        "nested": nested,
+        "deleted": deleted,
+        "twice": twice,
     }
 
 
@@ -564,7 +593,7 @@ CLI_ERRORS: list[tuple[str | None, list[str], list[str]]] = [
     ("good", ["criterion.name=clip"], ["image-text loss"]),
     ("texts", ["criterion.name=xclr"], ["holds no image files"]),
     ("one_class", ["criterion.name=xclr"], ["needs a caption for every image"]),
-    ("partial", ["criterion.name=xclr"], ["'03.png'", "has no caption"]),
+    ("partial", ["criterion.name=xclr"], ["'03.png'", "have no caption"]),
     ("one_class", ["criterion.name=supcon"], ["1 class folder(s)", "at least 2"]),
     ("good", ["criterion.temperature=abc"], ["criterion.temperature", "'abc'"]),
     ("good", ["criterion.temperature=0"], ["criterion", "temperature"]),
@@ -605,6 +634,24 @@ CLI_ERRORS: list[tuple[str | None, list[str], list[str]]] = [
         ["criterion.name=xclr", "captions.encoder=/nonexistent"],
         ["captions: embedding the captions failed", "/nonexistent"],
     ),
+    # Issue 21 (the runs' cwd is tmp_path/run<i>, so ../ is tmp_path).
+    (
+        "nested",
+        ["criterion.name=xclr"],
+        ["captions.csv names 4 image(s)", "'00.png'", "the file exists", "subfolders"],
+    ),
+    (
+        "nested",
+        ["criterion.name=xclr", "captions.source=../nested.tsv"],
+        ["names 4 image(s)", "nested/00.png'", "lists only the images inside them"],
+    ),
+    ("deleted", ["criterion.name=xclr"], ["'gone.png'", "there is no such file"]),
+    (
+        "twice",
+        ["criterion.name=xclr"],
+        ["'./00.png'", "(first at line 2, as '00.png')"],
+    ),
+    ("good", ["checkpoint=../other.ckpt"], ["checkpoint=", "do not fit the model"]),
 ]
 
 

@@ -12,20 +12,62 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lightly.data import MultiViewCollate
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import default_loader
 
 from xclr_plugin.cache import CaptionLookup
 from xclr_plugin.captions import CaptionRecord, read_captions, validate_records
 
-__all__ = ["NO_LABEL", "CaptionedImageDataset", "XCLRCollate"]
+__all__ = [
+    "NO_LABEL",
+    "CaptionedImageDataset",
+    "XCLRCollate",
+    "check_mode",
+    "load_rgb",
+    "to_rgb",
+]
 
 #: Target of an item whose record has no label.
 NO_LABEL = -1
+#: Integer grey modes PIL's ``convert("RGB")`` clips at 255 (mid-grey 16-bit turns white).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def check_mode(image: Image.Image) -> None:
+    """ValueError for a float image (PIL mode ``F``): it has no fixed range, and PIL's
+    conversion clips it at 0..255, so a ``[0, 1]`` image would turn black."""
+    if image.mode == "F":
+        raise ValueError(
+            "a 32-bit float image (PIL mode F) has no fixed range to scale to 8 bits "
+            "(PIL's conversion would read [0, 1] values as black); save it as an 8- "
+            "or 16-bit image"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image.convert("RGB")`` (what torchvision's and lightly's loaders do), except
+    16- and 32-bit integer grey images, scaled to 8 bits from their full range:
+    ``I;16*`` from 0..65535; ``I`` (32-bit, as PIL opens 16-bit PGM files) from
+    0..65535 too unless a value exceeds it, then from 0..2**31-1 (negatives as 0).
+    Float images are refused (:func:`check_mode`)."""
+    check_mode(image)
+    if image.mode not in WIDE_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    top = 65535.0 if image.mode != "I" or values.max() <= 65535 else 2.0**31 - 1
+    grey = np.rint(np.clip(values, 0, top) * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Opens an image file as RGB with :func:`to_rgb`: the default loader of
+    :class:`CaptionedImageDataset` and of ``xclr-train``'s ``LightlyDataset``."""
+    with open(path, "rb") as handle, Image.open(handle) as image:
+        return to_rgb(image)
 
 
 class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
@@ -49,7 +91,7 @@ class CaptionedImageDataset(Dataset[tuple[Any, int, str]]):
         root: str | os.PathLike[str] | None = None,
         transform: Callable[[Any], Any] | None = None,
         *,
-        loader: Callable[[str], Any] = default_loader,
+        loader: Callable[[str], Any] = load_rgb,
         check_files: bool = True,
     ) -> None:
         """Builds the dataset (with ``check_files``, checking every image exists).

@@ -7,12 +7,13 @@ from xclr_plugin.captions.readers import (
     FORMATS,
     check_template,
     detect_format,
+    match_images,
     read_captions,
     read_class_captions,
     read_folder_captions,
     read_jsonl_captions,
 )
-from xclr_plugin.captions.records import CaptionRecord, validate_records
+from xclr_plugin.captions.records import CaptionRecord, path_key, validate_records
 
 __all__ = [
     "DEFAULT_SIDECAR",
@@ -21,6 +22,8 @@ __all__ = [
     "CaptionRecord",
     "check_template",
     "detect_format",
+    "match_images",
+    "path_key",
     "read_captions",
     "read_class_captions",
     "read_csv_captions",

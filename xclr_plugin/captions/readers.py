@@ -6,11 +6,10 @@ import json
 import os
 import string
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from xclr_plugin.captions.csv_file import open_text, parse_label, read_csv_captions
-from xclr_plugin.captions.records import CaptionRecord, validate_records
+from xclr_plugin.captions.records import CaptionRecord, path_key, validate_records
 
 #: Template of :func:`read_class_captions`, as in CLIP's zero-shot prompts.
 DEFAULT_TEMPLATE = "a photo of a {}"
@@ -75,6 +74,93 @@ def _lightly_folder(image_dir: str | os.PathLike[str]) -> Any:
         raise ValueError(f"No images found in {os.fspath(image_dir)}: {err}") from err
 
 
+def _why_unlisted(key: str, image_dir: str) -> str:
+    """Why an image the captions name is not one that ``LightlyDataset`` lists."""
+    from lightly.data._helpers import IMG_EXTENSIONS
+
+    if not os.path.isfile(os.path.join(image_dir, key)):
+        hint = "; '\\' is not a folder separator here: use '/'" if "\\" in key else ""
+        return f"there is no such file (deleted or misspelt?){hint}"
+    if key == os.pardir or key.startswith(os.pardir + os.sep):
+        return "it lies outside the image folder"
+    if not key.lower().endswith(IMG_EXTENSIONS):
+        return f"LightlyDataset reads only {', '.join(IMG_EXTENSIONS)}"
+    if os.sep not in key:
+        return (
+            "the file exists, but in a folder with subfolders LightlyDataset lists only "
+            "the images inside them (one class per subfolder), not top-level ones"
+        )
+    return (
+        "the file exists, but LightlyDataset does not list it: it skips subfolders "
+        "named lightly_outputs, and a folder holding videos is read as videos only"
+    )
+
+
+def match_images(
+    records: list[CaptionRecord],
+    filenames: list[str],
+    image_dir: str | os.PathLike[str],
+    *,
+    source: str,
+    base: str | os.PathLike[str] | None = None,
+) -> list[CaptionRecord]:
+    """The records of exactly the images ``filenames`` of ``image_dir`` (as
+    ``LightlyDataset`` lists them), in their order and under their names.
+
+    A record names an image of ``image_dir`` as written, else as a path relative to
+    ``base`` (None: the working directory, as open_clip reads paths) or absolute,
+    also through a link; names are compared by :func:`path_key`. ValueError (naming
+    ``source``) if two records name one image, an image has no record or a record
+    names no listed image.
+    """
+    folder, where = os.path.abspath(image_dir), os.fspath(image_dir)
+    listed: dict[str, str] = {}
+    for name in filenames:
+        if (twin := listed.setdefault(path_key(name), name)) != name:
+            raise ValueError(
+                f"{where} holds {twin!a} and {name!a}, one name in two Unicode "
+                "normalisations (captions are matched by the NFC name): rename one."
+            )
+
+    def key_of(filename: str) -> str:
+        if not os.path.isabs(filename) and (key := path_key(filename)) in listed:
+            return key
+        path = os.path.abspath(os.path.join(base or os.curdir, filename))
+        key = path_key(os.path.relpath(path, folder))
+        if key not in listed:  # through a link to the folder, or from it
+            real = os.path.relpath(os.path.realpath(path), os.path.realpath(folder))
+            key = path_key(real) if path_key(real) in listed else key
+        return key
+
+    rows: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if (first := rows.setdefault(key := key_of(record.filename), i)) != i:
+            raise ValueError(
+                f"{source}: caption rows {first + 1} and {i + 1} (as "
+                f"{records[first].filename!r} and {record.filename!r}) both name the "
+                f"image {key!r} of {where}; each image needs exactly one caption."
+            )
+    extra = [key for key in rows if key not in listed]
+    unmatched = "" if not extra else f"{records[rows[extra[0]]].filename!r}: {_why_unlisted(extra[0], folder)}"  # fmt: skip
+    if missing := [name for name in filenames if path_key(name) not in rows]:
+        relative = "the image folder" + ("" if base else " or the working directory")
+        raise ValueError(
+            f"{source}: the captions do not cover the images: {len(missing)} of "
+            f"{len(filenames)} image(s) in {where} have no caption, e.g. "
+            f"{missing[0]!r}.{f' The captions name e.g. {unmatched}.' if extra else ''}"
+            f" File names in the captions must be relative to {relative} (or absolute)."
+        )  # fmt: skip
+    if extra:
+        raise ValueError(
+            f"{source} names {len(extra)} image(s) that are not among the "
+            f"{len(filenames)} images LightlyDataset lists in {where}, e.g. "
+            f"{unmatched}. Remove those rows or move the images (every captioned "
+            "image must be trained on)."
+        )
+    chosen = [records[rows[path_key(name)]] for name in filenames]
+    return [CaptionRecord(n, r.caption, r.label) for n, r in zip(filenames, chosen, strict=True)]  # fmt: skip
+
+
 def read_folder_captions(
     image_dir: str | os.PathLike[str],
     captions_file: str | os.PathLike[str] | None = None,
@@ -83,40 +169,25 @@ def read_folder_captions(
     img_key: str = "filename",
     caption_key: str = "caption",
 ) -> list[CaptionRecord]:
-    """Captions of an image folder from a sidecar CSV (default ``image_dir/captions.csv``), one per image."""
+    """Captions of an image folder from a sidecar CSV (default ``image_dir/captions.csv``),
+    one per image ``LightlyDataset`` lists; names relative to ``image_dir`` or absolute."""
     if captions_file is None:
         captions_file = os.path.join(image_dir, DEFAULT_SIDECAR)
     sidecar = read_csv_captions(
         captions_file, sep=sep, img_key=img_key, caption_key=caption_key
     )
-    by_name = {Path(r.filename).as_posix(): r.caption for r in sidecar}
-    if len(by_name) != len(sidecar):
-        raise ValueError(
-            f"{os.fspath(captions_file)}: duplicate file names after normalising path "
-            "separators."
-        )
     dataset = _lightly_folder(image_dir)
     targets = getattr(dataset.dataset, "targets", None)
     if not hasattr(dataset.dataset, "classes") or targets is None:
         targets = [None] * len(dataset)
-    records: list[CaptionRecord] = []
-    for i, filename in enumerate(dataset.get_filenames()):
-        caption = by_name.pop(Path(filename).as_posix(), None)
-        if caption is None:
-            raise ValueError(
-                f"Image {filename!r} in {os.fspath(image_dir)} has no caption in "
-                f"{os.fspath(captions_file)}."
-            )
-        label = targets[i]
-        records.append(
-            CaptionRecord(filename, caption, None if label is None else int(label))
-        )
-    if by_name:
-        raise FileNotFoundError(
-            f"{os.fspath(captions_file)} names {len(by_name)} image(s) not found in "
-            f"{os.fspath(image_dir)}, e.g. {next(iter(by_name))!r}."
-        )
-    return records
+    records = match_images(
+        sidecar, dataset.get_filenames(), image_dir,
+        source=os.fspath(captions_file), base=image_dir,
+    )  # fmt: skip
+    return [
+        CaptionRecord(r.filename, r.caption, None if label is None else int(label))
+        for r, label in zip(records, targets, strict=True)
+    ]
 
 
 def check_template(template: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -17,6 +18,13 @@ class CaptionRecord:
     label: int | None = None
 
 
+def path_key(filename: str) -> str:
+    """What two spellings of one image share: ``./``, ``//`` and ``..`` folded
+    (``os.path.normpath``) and Unicode NFC, as file names from macOS (NFD) may differ
+    from the same names typed into a CSV (NFC) only in their code points."""
+    return unicodedata.normalize("NFC", os.path.normpath(filename))
+
+
 def validate_records(
     records: Iterable[CaptionRecord],
     *,
@@ -24,7 +32,8 @@ def validate_records(
     where: Callable[[int], str] | None = None,
     unique: bool = True,
 ) -> list[CaptionRecord]:
-    """The records as a list, checked once; errors name ``source`` and ``where(i)``."""
+    """The records as a list, checked once; errors name ``source`` and ``where(i)``.
+    ``unique``: no two records may name one image (compared by :func:`path_key`)."""
     name = os.fspath(source)
     if isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
         got = (
@@ -54,12 +63,14 @@ def validate_records(
                 f"{where(i)}: the label of {record.filename!r} must be an int or None, "
                 f"got {record.label!r}."
             )
-        first = seen.setdefault(record.filename, i) if unique else i
+        first = seen.setdefault(path_key(record.filename), i) if unique else i
         if first != i:
+            other = records[first].filename
+            spelled = f", as {other!r}" if other != record.filename else ""
             raise ValueError(
                 f"{where(i)}: duplicate file name {record.filename!r} (first at "
-                f"{where(first).rsplit(', ', 1)[-1]}); each image needs exactly one "
-                "caption."
+                f"{where(first).rsplit(', ', 1)[-1]}{spelled}); each image needs "
+                "exactly one caption."
             )
     if not records:
         raise ValueError(f"{name}: no captions found.")

@@ -105,7 +105,8 @@ def _method_result(
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in data.name)
     path = output / RUNS / f"{safe}__{method}.json"
     feats_path = path.with_suffix(".features.pt")
-    fingerprint, probe = config.fingerprint(data.name, method), config.probe_settings()
+    fingerprint = {**config.fingerprint(data.name, method), "data": data.digest}
+    probe = config.probe_settings()
     saved = None if fresh else _saved(path, fingerprint)
     if saved is not None and saved.get("probe") == probe:
         echo(f"{desc}: reusing {path}")
@@ -117,7 +118,7 @@ def _method_result(
         echo(f"{desc}: re-scored {path}")
         return saved
     run = train_method(METHODS[method], data, config, progress=progress, desc=desc)
-    feats = features(run.model.backbone, data.eval_images, torch.device(config.device))
+    feats = features(run.model.backbone, data.pixels, torch.device(config.device))
     # The features come first: a run file always has its features beside it.
     with atomic_path(feats_path) as tmp:
         torch.save(feats, tmp)
@@ -162,7 +163,7 @@ def run_demo(
     for name, data in tasks.items():
         seed_everything(config.seed)  # the weights every method starts from
         model = ImageModel(config.width, config.proj_dim).to(config.device)
-        feats = features(model.backbone, data.eval_images, torch.device(config.device))
+        feats = features(model.backbone, data.pixels, torch.device(config.device))
         refs[name] = references(data, config, feats)
 
     results: dict[str, dict[str, Any]] = {name: {} for name in tasks}

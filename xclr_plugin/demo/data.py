@@ -1,15 +1,19 @@
 """Each task's images in memory, descriptions embedded, split fixed.
 
 Every image is decoded before any training, so an unreadable file stops the run,
-named, before minutes are spent.
+named, before minutes are spent. The images are kept as ``uint8``, ``3 * S * S`` bytes
+each (2,352 at 28 px), and a hash of them and of the records keys the saved runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +32,17 @@ from xclr_plugin.demo.config import TASKS, DemoConfig
 from xclr_plugin.demo.twemoji import TWEMOJI_CREDIT, load_twemoji, open_rgb_on_white
 from xclr_plugin.text import SupportsEncode
 
+#: Above this many bytes of images (about 900,000 at 28 px) the demo warns.
+MEMORY_WARNING_BYTES = 2 * 2**30
+
 
 @dataclass
 class TaskData:
     """One task, ready to train and evaluate on; per-image fields in dataset order.
 
-    ``pixels`` are ``(N, 3, S, S)`` in ``[0, 1]``, ``eval_images`` the same normalised;
-    ``test_idx`` are the scored images (validation ones under ``eval_split="val"``).
+    ``pixels`` are ``(N, 3, S, S)`` ``uint8`` (:func:`unit` makes them ``[0, 1]``);
+    ``test_idx`` are the scored images (validation ones under ``eval_split="val"``);
+    ``digest`` hashes the records and pixels (a saved run of other data is not reused).
     """
 
     name: str
@@ -42,7 +50,6 @@ class TaskData:
     records: list[CaptionRecord]
     class_names: list[str]
     pixels: Tensor
-    eval_images: Tensor
     labels: Tensor
     train_idx: Tensor
     test_idx: Tensor
@@ -51,6 +58,7 @@ class TaskData:
     dropped_classes: dict[str, int]  # left out for having too few images
     credit: str | None  # attribution the data requires
     seconds: dict[str, float]
+    digest: str
 
     @property
     def num_classes(self) -> int:
@@ -216,6 +224,11 @@ def _read_image(path: str, size: int) -> Image.Image:
     return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
 
 
+def unit(pixels: Tensor) -> Tensor:
+    """``uint8`` images as float32 in ``[0, 1]``."""
+    return pixels.float().div_(255)
+
+
 def normalize(pixels: Tensor) -> Tensor:
     """ImageNet normalisation of ``[0, 1]`` images, as lightly's transforms do."""
     from lightly.transforms.utils import IMAGENET_NORMALIZE
@@ -235,12 +248,12 @@ def load_task(
     """
     start = time.perf_counter()
     credit: str | None = None
-    pictures: dict[str, Image.Image] = {}
+    animals: dict[str, Image.Image] = {}
     root: str | None = None
     names: list[str] | None
     if name == "animals":
         records, images = _animals(config)
-        pictures = {r.filename: image for r, image in zip(records, images, strict=True)}
+        animals = {r.filename: image for r, image in zip(records, images, strict=True)}
         names, credit = list(ANIMAL_CLASSES), ANIMALS_CREDIT
     elif name == "twemoji":
         twemoji = load_twemoji()
@@ -255,13 +268,25 @@ def load_task(
     train_idx, test_idx = split(labels, config)
 
     size = config.image_size
-    if not pictures:
-        for record in tqdm(records, desc=f"Reading {name}", unit="img", disable=not progress):  # fmt: skip
-            path = os.path.join(root or "", record.filename)
-            pictures[record.filename] = _read_image(path, size)
-    resized = [pictures[r.filename].resize((size, size), Image.Resampling.BICUBIC) for r in records]  # fmt: skip
-    array = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in resized])
-    pixels = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    if (need := len(records) * 3 * size * size) > MEMORY_WARNING_BYTES:
+        warnings.warn(
+            f"{name}: the demo holds every image in memory: {len(records)} images of "
+            f"{size} px take {need / 2**30:.1f} GiB (3 * S * S bytes each; a run on "
+            "100,000 tiny images held 385 MiB in all), besides the caption "
+            "embeddings. --limit N trains on a stratified subset of N images.",
+            stacklevel=2,
+        )
+    pixels = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
+    for i, record in enumerate(tqdm(records, desc=f"Reading {name}", unit="img", disable=not progress)):  # fmt: skip
+        image = animals.get(record.filename)
+        if image is None:
+            image = _read_image(os.path.join(root or "", record.filename), size)
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+        pixels[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    digest = hashlib.blake2b(
+        json.dumps([dataclasses.astuple(r) for r in records]).encode()
+    )
+    digest.update(pixels.numpy().tobytes())
     loaded = time.perf_counter()
     table = caption_lookup(records, encoder=encoder, distinct=True, progress=False)
     distinct = len({r.caption for r in records})
@@ -273,7 +298,6 @@ def load_task(
         records=records,
         class_names=class_names,
         pixels=pixels,
-        eval_images=normalize(pixels),
         labels=torch.tensor(labels, dtype=torch.long),
         train_idx=train_idx,
         test_idx=test_idx,
@@ -282,4 +306,5 @@ def load_task(
         dropped_classes=dropped,
         credit=credit,
         seconds={"load_images": loaded - start, "embed": time.perf_counter() - loaded},
+        digest=digest.hexdigest(),
     )

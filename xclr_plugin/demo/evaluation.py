@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xclr_plugin.demo.config import DemoConfig
-from xclr_plugin.demo.data import TaskData
+from xclr_plugin.demo.data import TaskData, normalize, unit
 
 Scores = dict[str, float]
 
@@ -31,10 +31,15 @@ _MAX_PAIR_IMAGES = 400
 
 
 @torch.no_grad()
-def features(backbone: nn.Module, images: Tensor, device: torch.device) -> Tensor:
-    """Frozen features of preprocessed images, in eval mode, batched."""
+def features(backbone: nn.Module, pixels: Tensor, device: torch.device) -> Tensor:
+    """Frozen features of ``uint8`` images (normalised as in training), batched."""
     backbone.eval()
-    return torch.cat([backbone(x.to(device)).float().cpu() for x in images.split(512)])
+    return torch.cat(
+        [
+            backbone(normalize(unit(x.to(device)))).float().cpu()
+            for x in pixels.split(512)
+        ]
+    )
 
 
 def _linear_probe(

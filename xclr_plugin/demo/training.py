@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from xclr_plugin.demo.config import DemoConfig, MethodSpec
-from xclr_plugin.demo.data import TaskData, normalize
+from xclr_plugin.demo.data import TaskData, normalize, unit
 from xclr_plugin.demo.models import ImageModel, build_objective, tokenize_captions
 from xclr_plugin.errors import NonFiniteLossError
 
@@ -151,7 +151,7 @@ def train_method(
         for epoch in range(config.epochs):
             epoch_loss = 0.0
             for rows in loader:
-                pixels = data.pixels[rows].to(device)
+                pixels = unit(data.pixels[rows].to(device))
                 views = torch.cat([augment(pixels), augment(pixels)])
                 z0, z1 = model(views).chunk(2)
                 targets = None if table is None else table[rows].to(device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from xclr_plugin.captions import CaptionRecord, validate_records
+from xclr_plugin.data import WIDE_MODES, to_rgb
 
 #: Attribution required by the graphics' license; printed and written by the demo.
 TWEMOJI_CREDIT = (
@@ -78,11 +79,14 @@ def load_twemoji() -> TwemojiData:
 
 
 def open_rgb_on_white(path: str | Path) -> Image.Image:
-    """Opens an image as RGB on white (``convert("RGB")`` turns transparency black)."""
+    """Opens an image as RGB on white (``convert("RGB")`` turns transparency black),
+    16-bit images scaled by :func:`xclr_plugin.data.to_rgb`."""
     with Image.open(path) as image:
         image.load()
+        if image.mode in WIDE_MODES:  # a 16-bit tRNS grey level is not composited
+            return to_rgb(image)
         if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
+        return to_rgb(image)

@@ -3,8 +3,8 @@ and its targets (caption embeddings, class labels or none)."""
 
 import csv
 import os
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from lightly.data import LightlyDataset, MultiViewCollate
@@ -17,9 +17,10 @@ from xclr_plugin.captions import (
     DEFAULT_SIDECAR,
     CaptionRecord,
     detect_format,
+    match_images,
     read_captions,
 )
-from xclr_plugin.data import XCLRCollate
+from xclr_plugin.data import XCLRCollate, check_mode, load_rgb
 from xclr_plugin.integrations.lightly_train import config as conf
 from xclr_plugin.registry import LossSpec, loss_info, parameter_names
 
@@ -52,12 +53,25 @@ def list_images(input_dir: str | None) -> LightlyDataset:
         raise ValueError(f"input_dir {input_dir!r} {what}.")
     _check_folder_links(input_dir)
     try:
-        return LightlyDataset(input_dir)
+        dataset = LightlyDataset(input_dir)
     except (RuntimeError, FileNotFoundError) as err:  # "Found 0 files in folder ..."
         raise ValueError(
             f"input_dir {input_dir!r} holds no image files (searched with subfolders; "
             f"extensions {', '.join(IMG_EXTENSIONS)}): {err}"
         ) from None
+    if hasattr(dataset.dataset, "loader"):  # not videos
+        dataset.dataset.loader = load_rgb  # lightly's, but 16-bit images not white
+    if hasattr(dataset.dataset, "classes"):  # ImageFolder: subfolders only
+        top = sorted(f.name for f in os.scandir(input_dir) if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS))  # fmt: skip
+        if top:
+            warnings.warn(
+                f"input_dir: {len(top)} image(s) at the top of {input_dir} (e.g. "
+                f"{top[0]!r}) are not trained on: in a folder with subfolders, "
+                "lightly's LightlyDataset (and so lightly-ssl-train) lists only the "
+                "images inside them, one class per subfolder.",
+                stacklevel=2,
+            )
+    return dataset
 
 
 def verify_images(input_dir: str, filenames: Sequence[str]) -> None:
@@ -67,6 +81,7 @@ def verify_images(input_dir: str, filenames: Sequence[str]) -> None:
         if path.lower().endswith(IMG_EXTENSIONS):  # videos: lightly's own reader
             try:
                 with Image.open(path) as image:
+                    check_mode(image)
                     image.verify()
             except Exception as err:  # PIL raises many kinds for many formats
                 bad[path] = f"{type(err).__name__}: {err}"
@@ -147,31 +162,6 @@ def _read_records(captions: conf.CaptionsConfig, input_dir: str) -> list[Caption
     return read_captions(source, fmt, **kwargs)
 
 
-def _align(
-    records: Sequence[CaptionRecord], filenames: Sequence[str], input_dir: str
-) -> list[CaptionRecord]:
-    """The records in the images' order: a path naming an image of ``input_dir`` as
-    is, any other as open_clip reads it (absolute, or relative to the cwd)."""
-    known = {Path(name).as_posix() for name in filenames}
-    by_name: dict[str, CaptionRecord] = {}
-    for record in records:
-        name = Path(record.filename).as_posix()
-        if os.path.isabs(name) or name not in known:
-            name = os.path.relpath(os.path.abspath(record.filename), input_dir)
-        by_name.setdefault(Path(name).as_posix(), record)
-    aligned = {name: by_name.pop(Path(name).as_posix(), None) for name in filenames}
-    if missing := [name for name, record in aligned.items() if record is None]:
-        other = next(iter(by_name), None)
-        unmatched = f" The captions name e.g. {other!r}, not an image of input_dir."
-        raise ValueError(
-            f"The captions do not cover the images: {len(missing)} of {len(filenames)} "
-            f"image(s) in {input_dir} have no caption, e.g. {missing[0]!r}."
-            f"{unmatched if other else ''} File names in the captions must be relative "
-            "to input_dir (or absolute)."
-        )
-    return [CaptionRecord(n, r.caption, r.label) for n, r in aligned.items() if r]
-
-
 def _embeddings(
     records: list[CaptionRecord], captions: conf.CaptionsConfig
 ) -> CaptionLookup:
@@ -215,7 +205,8 @@ def make_targets(
             )
         return XCLRCollate(use_labels=True), "labels"
     records = _read_records(config.captions, input_dir)
-    records = _align(records, dataset.get_filenames(), input_dir)
+    source = f"captions.source={config.captions.source or input_dir}"
+    records = match_images(records, dataset.get_filenames(), input_dir, source=source)
     return XCLRCollate(_embeddings(records, config.captions)), "captions"
 
 

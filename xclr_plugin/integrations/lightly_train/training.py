@@ -226,7 +226,20 @@ def prepare(cfg: conf.AnyConfig, *, is_cli_call: bool = False) -> Plan:
     with _section("model"):
         model = build_model(config.model)
     if state_dict is not None:
-        lightly_cli.load_from_state_dict(model, state_dict)
+        try:
+            lightly_cli.load_from_state_dict(model, state_dict)
+        except (RuntimeError, KeyError) as err:  # another model's weights
+            where = (
+                f"checkpoint={config.checkpoint}"
+                if config.checkpoint
+                else "pre_trained=true"
+            )
+            why = " ".join(str(err).split())
+            raise ValueError(
+                f"{where}: the weights do not fit the model of model.* "
+                f"({config.model.kwargs()}); pass the model.* keys they were trained "
+                f"with. {why[:300]}{'...' if len(why) > 300 else ''}"
+            ) from None
     with _section("criterion"):
         criterion = create_loss(spec.name, **config.criterion.loss_kwargs())
     with _section("optimizer", " (optimizer.* is passed to torch.optim.SGD)"):

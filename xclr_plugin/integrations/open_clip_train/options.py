@@ -101,7 +101,7 @@ def check(options: Options, args: argparse.Namespace) -> Options:
     except ValueError as err:
         raise UsageError(f"--loss: {err}") from None
     if spec.inputs != "image-text":
-        fitting = [n for n in registry.list_losses() if _is_image_text(n)]
+        fitting = registry.list_losses(inputs="image-text")
         raise UsageError(
             f"--loss {name!r} is a {spec.inputs} (lightly-style) loss; open_clip trains "
             f"image-text models and needs an image-text loss: {', '.join(fitting)}."
@@ -165,13 +165,6 @@ def check(options: Options, args: argparse.Namespace) -> Options:
                 "captions; clip-text targets come from the model's text features."
             )
     return dataclasses.replace(options, xclr_target_mode=mode)
-
-
-def _is_image_text(name: str) -> bool:
-    try:
-        return registry.loss_info(name).inputs == "image-text"
-    except (ValueError, ImportError):
-        return False
 
 
 def world_size() -> int:
