@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tarfile
@@ -31,7 +32,12 @@ def expand_shard_urls(urls: str) -> list[str]:
             f"urls must be a non-empty string of shards (brace notation and '::' lists "
             f"as open_clip accepts), got {urls!r}."
         )
-    expanded = [str(u) for u in _webdataset().shardlists.expand_urls(urls) if u]
+    return list(_expand(urls))
+
+
+@functools.lru_cache(maxsize=4)  # start-up expands --train-data more than once
+def _expand(urls: str) -> tuple[str, ...]:
+    expanded = tuple(str(u) for u in _webdataset().shardlists.expand_urls(urls) if u)
     if not expanded:
         raise ValueError(f"urls {urls!r} expand to no shard.")
     return expanded

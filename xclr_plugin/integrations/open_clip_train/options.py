@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -200,6 +201,15 @@ def _hf_text(args: argparse.Namespace) -> bool:
         return False
 
 
+def _size(path: str) -> int | None:
+    """A regular file's size (one ``stat``), None if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
 def _no_members(path: str) -> bool:
     """Whether a local tar holds no member (its first block is end-of-archive zeros)."""
     with open(path, "rb") as handle:
@@ -213,11 +223,13 @@ def _readable_shards(args: argparse.Namespace) -> list[str]:
         shards = expand_shard_urls(args.train_data)
     except ValueError as err:
         raise UsageError(f"--train-data: {err}") from None
-    local = {u: u.removeprefix("file:") for u in shards if is_local(u)}
-    missing = [u for u, path in local.items() if not os.path.isfile(path)]
+    sizes = {u: _size(u.removeprefix("file:")) for u in shards if is_local(u)}
+    missing = [u for u, size in sizes.items() if size is None]
     # open_clip skips unreadable shards; with nothing left to read it loops for ever.
-    empty = [u for u, p in local.items() if not missing and not os.path.getsize(p)]
-    hollow = [u for u, p in local.items() if not missing + empty and _no_members(p)]
+    empty = [u for u, size in sizes.items() if not missing and size == 0]
+    hollow = [
+        u for u in sizes if not missing + empty and _no_members(u.removeprefix("file:"))
+    ]
     for problem, bad in (
         ("do not exist", missing),
         ("are empty files", empty),
