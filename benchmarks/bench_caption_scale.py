@@ -391,7 +391,12 @@ def report(results: dict[str, Any], out: Path, command: str) -> None:
         "",
         "## Embedding the captions (all-MiniLM-L6-v2, CPU, smallest set)",
         "",
-        "End to end: process start, model load, reading the shards, embedding, writing.",
+        "End to end: process start, model load, reading the shards, embedding, writing"
+        + (
+            f" (from `{results['embedding_command']}`)."
+            if results.get("embedding_command")
+            else "."
+        ),
         "",
         "| run | captions / s |",
         "|---|---:|",
@@ -404,6 +409,7 @@ def report(results: dict[str, Any], out: Path, command: str) -> None:
         "take 7.4 h on one GPU and 28 min on 16 (the new path shares the shards out over",
         "torchrun processes; the old path has one process).",
     ]
+    out.parent.mkdir(parents=True, exist_ok=True)
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     (out.with_suffix(".json")).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -453,6 +459,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/caption-scale"))
     parser.add_argument("--out", type=Path, default=RESULTS / "caption_scale")
     parser.add_argument("--no-embedding", action="store_true")
+    parser.add_argument(
+        "--embedding-from",
+        type=Path,
+        help="take the embedding rates of this results JSON",
+    )
     args = parser.parse_args()
     os.environ["BENCH_PER_SHARD"] = str(args.per_shard)
     command = "python benchmarks/bench_caption_scale.py " + " ".join(sys.argv[1:])
@@ -461,6 +472,7 @@ def main() -> None:
         "per_shard": args.per_shard,
         "machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start",
         "runs": {},
+        "command": command,
     }
     for n in args.sizes:
         urls = make_shards(args.work / f"shards-{n}", n, args.per_shard)
@@ -482,7 +494,11 @@ def main() -> None:
             }
             results["runs"][f"{path}-{n}"] = run
             print(f"{n:>10,} {path}: {run}", flush=True)
-    if not args.no_embedding:
+    if args.embedding_from:
+        earlier = json.loads(args.embedding_from.read_text())
+        results["embedding"] = earlier["embedding"]
+        results["embedding_command"] = earlier.get("command")
+    elif not args.no_embedding:
         small = make_shards(
             args.work / f"shards-{min(args.sizes)}", min(args.sizes), args.per_shard
         )

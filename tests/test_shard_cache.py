@@ -267,3 +267,15 @@ def test_a_damaged_shard_file_is_rebuilt_and_refused_until_then(
     assert "Ignoring the damaged shard embeddings" in rebuilt.stderr
     digests = ShardCache.open(out, urls).load(urls[2]).digests
     assert np.array_equal(digests, caption_digests([c for _, c in read_shard(urls[2])]))
+
+
+def test_a_shard_cache_is_named_as_such_where_a_single_file_cache_is_expected(
+    shards: str, tmp_path: Path, embed: Callable[..., Done]
+) -> None:
+    from xclr_plugin.cache import CaptionCache
+
+    assert embed(shards, "-o", str(tmp_path / "c")).returncode == 0
+    with pytest.raises(
+        ValueError, match="it is a per-shard cache of webdataset shards"
+    ):
+        CaptionCache.open(tmp_path / "c")

@@ -309,7 +309,13 @@ def fingerprint(records: Sequence[CaptionRecord]) -> dict[str, Any]:
 
 def _check_manifest(manifest: Any, path: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not an xclr-plugin caption cache manifest.")
+        what = "an xclr-plugin caption cache manifest"
+        if (
+            isinstance(manifest, dict)
+            and manifest.get("format") == "xclr-shard-caption-cache"
+        ):
+            what += " (it is a per-shard cache of webdataset shards)"
+        raise ValueError(f"{path} is not {what}.")
     if manifest.get("version") != CACHE_VERSION:
         raise ValueError(
             f"{path}: unsupported caption cache version {manifest.get('version')!r} "
