@@ -14,12 +14,12 @@ each in a fresh process:
   1 and 2 processes (torchrun, CPU), old path with its one process.
 
 The old path runs from a checkout of the previous release (``--old-tree``, e.g.
-``git worktree add /tmp/xclr-old 22a96da``). The stand-in encoder of the cache builds
+``git worktree add ../xclr-old 22a96da``). The stand-in encoder of the cache builds
 (``bench-hash``, 384-d, deterministic) makes the data sets cheap; the shards are read
 from the page cache (they were just written), the fastest case for the old path.
 
     python benchmarks/bench_caption_scale.py --sizes 10000 100000 1000000 \\
-        --old-tree /tmp/xclr-old --work /tmp/caption-scale
+        --old-tree ../xclr-old --work caption-scale-work
 """
 
 from __future__ import annotations
@@ -456,7 +456,7 @@ def main() -> None:
     parser.add_argument(
         "--old-tree", help="checkout of the previous release (old path)"
     )
-    parser.add_argument("--work", type=Path, default=Path("/tmp/caption-scale"))
+    parser.add_argument("--work", type=Path, default=Path("caption-scale-work"))
     parser.add_argument("--out", type=Path, default=RESULTS / "caption_scale")
     parser.add_argument("--no-embedding", action="store_true")
     parser.add_argument(
