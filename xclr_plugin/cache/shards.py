@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from xclr_plugin.atomic import atomic_path, remove_temporaries, write_json_atomic
 from xclr_plugin.cache.build import embed_rows
 from xclr_plugin.cache.store import DTYPES, MANIFEST_FILE, read_json
-from xclr_plugin.captions.shards import read_shard
+from xclr_plugin.captions.shards import local_path, read_shard
 from xclr_plugin.text import SupportsEncode
 
 SHARD_CACHE_FORMAT, SHARD_CACHE_VERSION = "xclr-shard-caption-cache", 1
@@ -51,14 +51,6 @@ def shard_name(url: str) -> str:
     if not base or base.startswith("."):
         raise ValueError(f"Cannot name the cache file of shard {url!r}.")
     return base
-
-
-def local_path(url: str) -> str | None:
-    """The file of a local shard URL, None for ``pipe:``, ``http:``, ... shards."""
-    head = url.split("/", 1)[0]
-    if url.startswith("file:") or ":" not in head or len(head) == 2:  # C: drives
-        return url.removeprefix("file:")
-    return None
 
 
 def shard_identity(url: str) -> dict[str, int] | None:

@@ -43,6 +43,14 @@ def _expand(urls: str) -> tuple[str, ...]:
     return expanded
 
 
+def local_path(url: str) -> str | None:
+    """The file of a local shard URL, None for ``pipe:``, ``http:``, ... shards."""
+    head = url.split("/", 1)[0]
+    if url.startswith("file:") or ":" not in head or len(head) == 2:  # C: drives
+        return url.removeprefix("file:")
+    return None
+
+
 def _caption_key(name: str, caption_key: str) -> str | None:
     """The sample key of a caption member's name, None for any other member."""
     from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
@@ -62,10 +70,10 @@ def read_shard(url: str, caption_key: str = "txt") -> list[tuple[str, str]]:
     after its first member, a key given twice, a caption that is not UTF-8.
     """
     caption_key = caption_key.lower().lstrip(".")
-    local = url.removeprefix("file:")
-    seekable = ":" not in local.split("/", 1)[0] or os.path.exists(local)
+    local = local_path(url) or (url if os.path.exists(url) else None)
+    seekable = local is not None
     try:
-        stream = open(local, "rb") if seekable else _webdataset().gopen(url, "rb")  # noqa: SIM115
+        stream = open(local, "rb") if local else _webdataset().gopen(url, "rb")  # noqa: SIM115
     except OSError as err:
         raise ValueError(f"Cannot read shard {url!r}: {err}") from None
     out: list[tuple[str, str]] = []

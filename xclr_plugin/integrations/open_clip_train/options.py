@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from xclr_plugin import registry
-from xclr_plugin.captions.shards import expand_shard_urls
+from xclr_plugin.captions.shards import expand_shard_urls, local_path
 from xclr_plugin.errors import ArgumentParser, UsageError
 
 PROG = "xclr-openclip-train"
@@ -185,12 +185,6 @@ def train_data_kind(args: argparse.Namespace) -> str | None:
     return str(kind) if kind == "synthetic" or args.train_data else None
 
 
-def is_local(url: str) -> bool:
-    """Whether a shard URL is a local file path (not ``pipe:``, ``http:``, ...)."""
-    head = url.split("/", 1)[0]
-    return url.startswith("file:") or ":" not in head or len(head) == 2  # C: drives
-
-
 def _hf_text(args: argparse.Namespace) -> bool:
     """Whether ``--model`` has a Hugging Face text tower (unknown or unreadable: no)."""
     from open_clip import get_model_config
@@ -223,13 +217,12 @@ def _readable_shards(args: argparse.Namespace) -> list[str]:
         shards = expand_shard_urls(args.train_data)
     except ValueError as err:
         raise UsageError(f"--train-data: {err}") from None
-    sizes = {u: _size(u.removeprefix("file:")) for u in shards if is_local(u)}
+    paths = {u: p for u in shards if (p := local_path(u)) is not None}
+    sizes = {u: _size(p) for u, p in paths.items()}
     missing = [u for u, size in sizes.items() if size is None]
     # open_clip skips unreadable shards; with nothing left to read it loops for ever.
-    empty = [u for u, size in sizes.items() if not missing and size == 0]
-    hollow = [
-        u for u in sizes if not missing + empty and _no_members(u.removeprefix("file:"))
-    ]
+    empty = [] if missing else [u for u, size in sizes.items() if size == 0]
+    hollow = [] if missing or empty else [u for u, p in paths.items() if _no_members(p)]
     for problem, bad in (
         ("do not exist", missing),
         ("are empty files", empty),
