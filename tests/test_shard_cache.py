@@ -279,3 +279,12 @@ def test_a_shard_cache_is_named_as_such_where_a_single_file_cache_is_expected(
         ValueError, match="it is a per-shard cache of webdataset shards"
     ):
         CaptionCache.open(tmp_path / "c")
+
+
+def test_missing_shards_are_named_before_the_folder_is_made(
+    tmp_path: Path, embed: Callable[..., Done]
+) -> None:
+    done = embed(str(tmp_path / "nope-{0..1}.tar"), "-o", str(tmp_path / "c"))
+    assert done.returncode == 2
+    assert "2 of the 2 shard(s) do not exist, the first is" in done.stderr
+    assert not (tmp_path / "c").exists()

@@ -26,7 +26,7 @@ from xclr_plugin.cache.shards import (
     publish_index,
     unique_shards,
 )
-from xclr_plugin.captions.shards import expand_shard_urls
+from xclr_plugin.captions.shards import expand_shard_urls, local_path
 
 
 def _on_rank0(rank: int, work: Callable[[], Any]) -> Any:
@@ -59,6 +59,12 @@ def build_shards(
     """Embeds the shards of ``source`` into ``output`` (``make_encoder(device)``); 0 when done."""
     urls = expand_shard_urls(source)
     count = len(unique_shards(urls))  # names checked before any work
+    missing = [u for u in urls if (p := local_path(u)) and not os.path.isfile(p)]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(urls)} shard(s) do not exist, the first is "
+            f"{missing[0]!r}."
+        )
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("gloo")  # coordination only: each process encodes alone
