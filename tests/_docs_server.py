@@ -239,7 +239,8 @@ PRELOAD = [
     "webdataset", "sentence_transformers", "sklearn.linear_model", "matplotlib.pyplot",
     "scipy.stats", "torch.distributed.run", "xclr_plugin", "xclr_plugin.text",
     "xclr_plugin.captions", "xclr_plugin.cache", "xclr_plugin.data",
-    "xclr_plugin.clip_loss", "xclr_plugin.demo",
+    "xclr_plugin.clip_loss", "xclr_plugin.demo", "timm", "efficientnet_lite_pytorch",
+    "xclr_plugin.integrations.open_clip_train.pretrained",
 ]  # fmt: skip
 
 
@@ -306,7 +307,7 @@ sys.exit(json.loads(reply)["status"] if reply else 1)
 
 # Console commands the docs run (looked up in the venv's bin/), and python itself.
 COMMANDS = ["xclr-demo", "xclr-train", "xclr-openclip-train", "xclr-embed-captions",
-            "torchrun"]  # fmt: skip
+            "xclr-build-pretrained", "xclr-wise-ft", "torchrun"]  # fmt: skip
 
 
 def write_shims(bin_dir: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from xclr_plugin.atomic import (
+    atomic_dir,
     atomic_path,
     remove_temporaries,
     write_json_atomic,
@@ -72,3 +73,36 @@ def test_a_directory_target_is_refused_before_writing(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError, match="is a directory"):
         write_text_atomic(tmp_path / "out", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_appears_complete_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        assert not target.exists()
+        (tmp / "a.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["a.txt"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask_now()
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporaries
+
+
+def test_atomic_dir_replaces_an_existing_folder(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError), atomic_dir(tmp_path / "file"):
+        pass
+
+
+def _umask_now() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

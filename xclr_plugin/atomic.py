@@ -1,10 +1,14 @@
-"""Atomic writes (mkstemp beside the target, fsync, ``os.replace``), with ``open()``'s mode, not mkstemp's 0600."""
+"""Atomic writes (mkstemp beside the target, fsync, ``os.replace``), with ``open()``'s mode, not mkstemp's 0600.
+
+Files: :func:`atomic_path`; folders: :func:`atomic_dir`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,6 +53,50 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path``; moves it into place if the block succeeds.
+
+    Readers see no folder or a complete one. A folder already at ``path`` is replaced
+    (moved aside, then deleted: the one moment between the two renames, ``path`` is
+    missing); refusing it is the caller's decision. A failed block leaves ``path`` as it was.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"Cannot write the folder {target}: it is a file.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    )
+    old: Path | None = None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if target.is_dir() and any(target.iterdir()):
+            old = Path(
+                tempfile.mkdtemp(
+                    prefix=f".{target.name}.", suffix=".old", dir=target.parent
+                )
+            )
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the old folder back
+                raise
+        else:
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

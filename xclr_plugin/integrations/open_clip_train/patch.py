@@ -82,10 +82,32 @@ def patch_open_clip_train(options: Options) -> Iterator[Callable[..., Any]]:
             return args
 
         original_parse_args = ocm.parse_args
+        patch(open_clip.timm_model, "freeze_batch_norm_2d", freeze_batch_norm_2d)
         stack.enter_context(preserve_logging())
         patch(ocm, "parse_args", parse_args)
         patch(ocm, "get_latest_checkpoint", complete_latest(ocm.get_latest_checkpoint))
         yield ocm.main
+
+
+def freeze_batch_norm_2d(module: Any, module_match: Any = None, name: str = "") -> Any:
+    """open_clip's ``freeze_batch_norm_2d`` (``--lock-image-freeze-bn-stats``) for timm.
+
+    open_clip 3.3 turns every ``BatchNorm2d`` subclass into torchvision's
+    ``FrozenBatchNorm2d``, which drops the activation of timm's ``BatchNormAct2d``
+    (every ReLU6 of an EfficientNet); timm's own function keeps it.
+    """
+    import torch
+    from timm.layers import freeze_batch_norm_2d as timm_freeze
+
+    norms = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
+    if (not module_match or name in module_match) and isinstance(module, norms):
+        return timm_freeze(module)
+    for child_name, child in module.named_children():
+        full_name = f"{name}.{child_name}" if name else child_name
+        frozen = freeze_batch_norm_2d(child, module_match, full_name)
+        if frozen is not child:
+            module.add_module(child_name, frozen)
+    return module
 
 
 def _with_hooks(ocm: Any, dim: int) -> Any:
