@@ -1,24 +1,22 @@
 #!/usr/bin/env python3
 """Generate the upstream patches for lightly and open_clip from this repository's code.
 
-One source of truth: the loss code in the patches is produced from ``xclr_plugin`` by
-the transforms below, never edited by hand.
-
-- ``upstream/lightly/xclr.patch`` (against lightly 1.6.0):
-  ``lightly/loss/xclr_loss.py`` is ``xclr_plugin/loss.py`` with lightly's module
-  docstring and import layout; the export in ``lightly/loss/__init__.py`` and the entry
-  in ``docs/source/lightly.loss.rst`` are anchored insertions; the test and the example
-  are copied from ``upstream/lightly/files/``.
+- ``upstream/lightly/xclr.patch`` (against lightly master ``LIGHTLY_COMMIT``): the new
+  files are ``upstream/lightly/files/`` as they are (its plain-autograd
+  ``lightly/loss/xclr_loss.py`` is tested equal to ``xclr_plugin``'s kernel, values and
+  gradients, in ``tests/test_upstream.py``: one definition of the loss); the export in
+  ``lightly/loss/__init__.py``, the API docs entry, the examples toctree entry and the
+  README row are anchored insertions into master's copies in ``upstream/lightly/base/``.
 - ``upstream/open_clip/xclr.patch`` (against open_clip_torch 3.3.0): ``XCLRClipLoss``
   of ``xclr_plugin/clip_loss.py`` and every helper it uses (found by following the
-  names it references through ``clip_loss``, ``functional`` and ``loss``) appended to
-  ``src/open_clip/loss.py`` in open_clip's conventions (``torch.Tensor``,
+  names it references through ``clip_loss``, ``functional`` and ``loss``), generated:
+  appended to ``src/open_clip/loss.py`` in open_clip's conventions (``torch.Tensor``,
   ``Optional``), plus anchored edits of ``factory.py``, ``params.py`` and
-  ``open_clip/__init__.py``; the test is copied from ``upstream/open_clip/files/``.
+  ``open_clip/__init__.py`` read from the installed release; the test is copied from
+  ``upstream/open_clip/files/``.
 
-Files the wheels ship are read from the installed packages (the patches target the
-installed releases); the one repository-only file the lightly patch modifies,
-``docs/source/lightly.loss.rst``, is kept in ``upstream/lightly/base/``.
+Patches carry full blob ids (as ``git diff --full-index``), so ``git apply --3way``
+works on a host that moved on.
 
 Usage: ``python upstream/generate.py`` writes the patches; ``--check`` writes nothing
 and exits 1 if a committed patch differs from what the sources give (drift).
@@ -30,6 +28,7 @@ import argparse
 import ast
 import builtins
 import difflib
+import hashlib
 import importlib.metadata
 import importlib.util
 import re
@@ -42,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = ROOT / "upstream"
 PLUGIN = ROOT / "xclr_plugin"
 
-LIGHTLY_VERSION = "1.6.0"
 OPEN_CLIP_VERSION = "3.3.0"
 
 
@@ -93,6 +91,17 @@ def replace_once(text: str, old: str, new: str, *, what: str) -> str:
     return text.replace(old, new)
 
 
+def read_exact(path: Path) -> str:
+    """The file's text with its line endings as they are (the blob ids depend on them)."""
+    return path.read_bytes().decode("utf-8")
+
+
+def blob_id(text: str) -> str:
+    """Git's object id of a file with this content."""
+    data = text.encode("utf-8")
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def unified_patch(changes: list[FileChange]) -> str:
     """A ``git apply``-able patch (also ``patch -p1``) of the changes, in order."""
     out: list[str] = []
@@ -100,8 +109,14 @@ def unified_patch(changes: list[FileChange]) -> str:
         a_lines = [] if change.old is None else change.old.splitlines(keepends=True)
         b_lines = change.new.splitlines(keepends=True)
         out.append(f"diff --git a/{change.path} b/{change.path}\n")
+        # Full blob ids, as `git diff --full-index` writes them: `git apply --3way`
+        # can then merge the patch into a host that moved on.
+        new_id = blob_id(change.new)
         if change.old is None:
             out.append("new file mode 100644\n")
+            out.append(f"index {'0' * 40}..{new_id}\n")
+        else:
+            out.append(f"index {blob_id(change.old)}..{new_id} 100644\n")
         diff = list(
             difflib.unified_diff(
                 a_lines,
@@ -125,122 +140,72 @@ def line_offsets(text: str) -> list[int]:
     return offsets
 
 
-def normalise_doctest_comments(text: str) -> str:
-    """``>>> code        # note`` -> ``>>> code  # note``, as ``ruff format`` formats
-    docstring code (lightly sets ``docstring-code-format = true``)."""
-    return re.sub(r"^(\s*>>> [^#\n]*?\S) {2,}(# )", r"\1  \2", text, flags=re.MULTILINE)
-
-
 # -- lightly ---------------------------------------------------------------------------
 
-LIGHTLY_MODULE_DOCSTRING = '''"""X-Sample Contrastive Loss (X-CLR): contrastive learning with soft targets.
-
-Reference: Sobal et al., "X-Sample Contrastive Loss: Improving Contrastive Learning
-with Sample Similarity Graphs", ICLR 2025, https://arxiv.org/abs/2407.18134
-"""
-'''
+LIGHTLY_COMMIT = "e8d317fc5a87f4387a85a35e689869039ec249ee"  # master, 2026-08-21
 
 
-def lightly_loss_module(source: str) -> str:
-    """``xclr_plugin/loss.py`` as ``lightly/loss/xclr_loss.py``.
-
-    The module docstring becomes lightly's, and the ``lightly`` imports leave the
-    third-party block for their own first-party block (lightly's isort setting).
-    """
-    tree = ast.parse(source)
-    first = tree.body[0]
-    if not (
-        isinstance(first, ast.Expr)
-        and isinstance(first.value, ast.Constant)
-        and isinstance(first.value.value, str)
-    ):
-        raise GenerateError("xclr_plugin/loss.py: no module docstring.")
-    lines = source.splitlines(keepends=True)
-    imports = [
-        node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-    ]
-    start, stop = imports[0].lineno, imports[-1].end_lineno
-    assert stop is not None
-    between = [
-        node
-        for node in tree.body
-        if start <= node.lineno <= stop and node not in imports
-    ]
-    if between:
-        raise GenerateError("xclr_plugin/loss.py: code between the imports.")
-    groups: dict[str, list[str]] = {
-        "future": [],
-        "stdlib": [],
-        "third": [],
-        "lightly": [],
-    }
-    for node in imports:
-        text = "".join(lines[node.lineno - 1 : node.end_lineno])
-        module = (
-            node.module or ""
-            if isinstance(node, ast.ImportFrom)
-            else node.names[0].name
+def colab_badges(name: str) -> str:
+    """The README table's two "Open In Colab" cells of an example's notebooks."""
+    badge = "[![Open In Colab](https://img.shields.io/badge/Colab-{label}-blue?logo=googlecolab)]"
+    link = "(https://colab.research.google.com/github/lightly-ai/lightly/blob/master/examples/notebooks/{kind}/{name}.ipynb)"
+    return " | ".join(
+        badge.format(label=label) + link.format(kind=kind, name=name)
+        for label, kind in (
+            ("PyTorch", "pytorch"),
+            ("PyTorch_Lightning", "pytorch_lightning"),
         )
-        top = module.split(".")[0]
-        if top == "xclr_plugin" or (isinstance(node, ast.ImportFrom) and node.level):
-            raise GenerateError(
-                f"xclr_plugin/loss.py imports {module!r}: lightly's copy may import "
-                "only the standard library, torch and lightly."
-            )
-        if top == "__future__":
-            groups["future"].append(text)
-        elif top == "lightly":
-            groups["lightly"].append(text)
-        elif top in sys.stdlib_module_names:
-            groups["stdlib"].append(text)
-        else:
-            groups["third"].append(text)
-    block = "\n".join("".join(group) for group in groups.values() if group)
-    body = "".join(lines[first.end_lineno : start - 1]) + block + "".join(lines[stop:])
-    return normalise_doctest_comments(LIGHTLY_MODULE_DOCSTRING + body)
+    )
+
+
+AIM_ROW = (
+    "| AIM            | 2024 | [paper](https://arxiv.org/abs/2401.08541) | "
+    "[docs](https://docs.lightly.ai/self-supervised-learning/examples/aim.html) | "
+    + colab_badges("aim")
+    + " | <!-- 16/01/2024 -->\n"
+)
 
 
 def lightly_changes() -> list[FileChange]:
-    require_version("lightly", LIGHTLY_VERSION)
-    site = installed_root("lightly")
-    init_path = "lightly/loss/__init__.py"
-    init_old = (site / init_path).read_text()
-    init_new = insert_after(
-        init_old,
-        "from lightly.loss.wmse_loss import Whitening2d, WMSELoss\n",
-        "from lightly.loss.xclr_loss import XCLRLoss\n",
-        what=init_path,
-    )
-    rst_path = "docs/source/lightly.loss.rst"
-    rst_old = (UPSTREAM / "lightly" / "base" / rst_path).read_text()
-    rst_new = insert_after(
-        rst_old,
-        ".. autoclass:: lightly.loss.visreg_loss.VISRegLoss\n"
-        "   :members:\n"
-        "   :special-members: __init__\n",
-        "\n.. autoclass:: lightly.loss.xclr_loss.XCLRLoss\n   :members:\n",
-        what=rst_path,
-    )
+    """The pull request against lightly master at ``LIGHTLY_COMMIT``.
+
+    Every new file is ``upstream/lightly/files/`` as is (the loss there is tested equal
+    to ``xclr_plugin``'s); the files it edits are master's copies in
+    ``upstream/lightly/base/``, changed by anchored insertions.
+    """
+    base = UPSTREAM / "lightly" / "base"
     files = UPSTREAM / "lightly" / "files"
-    return [
-        FileChange(
-            "lightly/loss/xclr_loss.py",
-            None,
-            lightly_loss_module((PLUGIN / "loss.py").read_text()),
+    edits = {
+        "lightly/loss/__init__.py": (
+            "from lightly.loss.wmse_loss import Whitening2d, WMSELoss\n",
+            "from lightly.loss.xclr_loss import XCLRLoss\n",
         ),
-        FileChange(init_path, init_old, init_new),
-        FileChange(rst_path, rst_old, rst_new),
-        FileChange(
-            "tests/loss/test_xclr_loss.py",
-            None,
-            (files / "tests/loss/test_xclr_loss.py").read_text(),
+        "docs/source/lightly.loss.rst": (
+            ".. autoclass:: lightly.loss.visreg_loss.VISRegLoss\n"
+            "   :members:\n"
+            "   :special-members: __init__\n",
+            "\n.. autoclass:: lightly.loss.xclr_loss.XCLRLoss\n   :members:\n",
         ),
-        FileChange(
-            "examples/pytorch/xclr.py",
-            None,
-            (files / "examples/pytorch/xclr.py").read_text(),
+        "docs/source/examples/models.rst": ("    vicregl.rst\n", "    xclr.rst\n"),
+        # The model table is ordered by the papers' arXiv dates (the trailing comment).
+        "README.md": (
+            AIM_ROW,
+            "| X-CLR          | 2024 | [paper](https://arxiv.org/abs/2407.18134) | "
+            "[docs](https://docs.lightly.ai/self-supervised-learning/examples/xclr.html) | "
+            + colab_badges("xclr")
+            + " | <!-- 25/07/2024 -->\n",
         ),
-    ]
+    }
+    changes = []
+    for path, (anchor, addition) in edits.items():
+        old = read_exact(base / path)
+        changes.append(
+            FileChange(path, old, insert_after(old, anchor, addition, what=path))
+        )
+    for new in sorted(p for p in files.rglob("*") if p.is_file()):
+        path = new.relative_to(files).as_posix()
+        changes.append(FileChange(path, None, read_exact(new)))
+    return sorted(changes, key=lambda change: change.path)  # git diff's order
 
 
 # -- open_clip -------------------------------------------------------------------------
@@ -276,7 +241,7 @@ OPEN_CLIP_NAMESPACE = {
     "gather_features",
 }
 
-PLUGIN_MODULES = ("clip_loss", "functional", "loss")
+PLUGIN_MODULES = ("clip_loss", "functional", "validation", "two_view", "distributed")
 
 
 @dataclass

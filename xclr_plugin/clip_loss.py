@@ -6,13 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xclr_plugin.distributed import check_same_batch_size, gather_without_grad
 from xclr_plugin.functional import soft_cross_entropy_dense, xclr_clip_loss_chunked
-from xclr_plugin.loss import (
-    _compute_dtype,
-    _descriptions,
-    check_same_batch_size,
-    gather_without_grad,
-    similarity_from_targets,
+from xclr_plugin.two_view import _compute_dtype, _descriptions, similarity_from_targets
+from xclr_plugin.validation import (
     validate_chunk_size,
     validate_targets,
     validate_temperature,

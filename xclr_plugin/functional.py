@@ -6,13 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xclr_plugin.loss import (
-    _softmax_,
-    differentiable_grads,
-    needs_plain_ops,
-    validate_chunk_size,
-    validate_temperature,
-)
+from xclr_plugin.two_view import _softmax_, differentiable_grads, needs_plain_ops
+from xclr_plugin.validation import validate_chunk_size, validate_temperature
 
 
 def soft_cross_entropy_dense(logits: Tensor, target_probs: Tensor) -> Tensor:

@@ -152,7 +152,7 @@ def check(options: Options, args: argparse.Namespace) -> Options:
             )
         return options
     if (tau := options.xclr_target_temperature) is not None:
-        from xclr_plugin.loss import validate_temperature
+        from xclr_plugin.validation import validate_temperature
 
         try:
             validate_temperature("--xclr-target-temperature", tau)

@@ -39,12 +39,13 @@ dataset = torchvision.datasets.CIFAR10(
     "datasets/cifar10", download=True, transform=transform
 )
 
-# X-CLR scores every pair of samples by how similar their descriptions are. Here
-# each image is described by a caption of its class, embedded once by a frozen
-# sentence encoder; with per-image captions, embed each image's caption instead.
-text_encoder = SentenceTransformer("all-MiniLM-L6-v2")
-captions = [f"a photo of a {name}" for name in dataset.classes]
-caption_embeddings = text_encoder.encode(captions, convert_to_tensor=True).cpu()
+# X-CLR uses how similar the descriptions of two images are as soft targets.
+# Here each image is described by a caption of its class, embedded once by a
+# frozen sentence encoder. With one caption per image, embed each image's own
+# caption instead.
+text_encoder = SentenceTransformer("all-MiniLM-L6-v2", device="cpu")
+captions = [f"a photo of a {class_name}" for class_name in dataset.classes]
+caption_embeddings = torch.from_numpy(text_encoder.encode(captions))
 
 dataloader = torch.utils.data.DataLoader(
     dataset,
@@ -55,6 +56,7 @@ dataloader = torch.utils.data.DataLoader(
 )
 
 criterion = XCLRLoss(temperature=0.1, target_temperature=0.1)
+
 optimizer = torch.optim.SGD(model.parameters(), lr=0.06)
 
 print("Starting Training")
@@ -65,9 +67,11 @@ for epoch in range(10):
         x0 = x0.to(device)
         x1 = x1.to(device)
         targets = caption_embeddings[labels].to(device)
+        # or use the class labels as targets for a SupCon-like loss:
+        # targets = labels.to(device)
         z0 = model(x0)
         z1 = model(x1)
-        loss = criterion(z0, z1, targets)
+        loss = criterion(z0, z1, targets=targets)
         total_loss += loss.detach()
         loss.backward()
         optimizer.step()

@@ -152,7 +152,8 @@ class XCLRLoss(nn.Module):
         self, out0: Tensor, out1: Tensor, targets: Optional[Tensor]
     ) -> Tensor:
         update = out0.requires_grad
-        ptr = int(self.memory_bank.bank_ptr)
+        # A bank without feature dimension is initialized in its first forward pass.
+        ptr = int(self.memory_bank.bank_ptr) if self.memory_bank.bank.ndim > 1 else 0
         out1, negatives = self.memory_bank.forward(out1, update=update)
         negatives = negatives.to(device=out0.device, dtype=out0.dtype)
         sim_pos = torch.einsum("nc,nc->n", out0, out1).unsqueeze(-1)

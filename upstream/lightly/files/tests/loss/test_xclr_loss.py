@@ -1,13 +1,38 @@
 import math
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pytest_mock import MockerFixture
 from torch import Tensor
 from torch import distributed as dist
 
-from lightly.loss import NTXentLoss, XCLRLoss
+from lightly.loss.ntx_ent_loss import NTXentLoss
+from lightly.loss.xclr_loss import XCLRLoss
+from tests.ddp_helpers import NUM_PROCESSES, USE_PYTEST_POOL
+
+
+def _make_targets(kind: str, *shape: int) -> Tensor:
+    # Caption embeddings or class labels for a batch of the given shape.
+    if kind == "embeddings":
+        return torch.randn(*shape, 5, dtype=torch.float64)
+    return torch.randint(0, 3, shape)
+
+
+def _similarity(a: Tensor, b: Tensor) -> float:
+    if a.is_floating_point():
+        return float(F.cosine_similarity(a, b, dim=0))
+    return float(a == b)
+
+
+def _assert_close_with_grads(
+    loss: Tensor, expected: Tensor, inputs: Sequence[Tensor], tol: float = 1e-10
+) -> None:
+    torch.testing.assert_close(loss, expected, rtol=tol, atol=tol)
+    grads = torch.autograd.grad(loss, inputs)
+    for grad, grad_expected in zip(grads, torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(grad, grad_expected, rtol=tol, atol=tol)
 
 
 def _calc_xclr_loss_manual(
@@ -17,192 +42,225 @@ def _calc_xclr_loss_manual(
     temperature: float,
     target_temperature: float,
 ) -> Tensor:
-    """Dense X-CLR: builds the 2B x 2B logits and target matrices explicitly."""
+    """Dense X-CLR: builds the 2n x 2n logits and target matrices explicitly."""
     z = F.normalize(torch.cat([out0, out1]), dim=1)
-    if targets.is_floating_point():
-        t = F.normalize(targets, dim=1)
-        similarity = t @ t.T
-    else:
-        similarity = (targets[:, None] == targets[None, :]).to(z.dtype)
-    # Similarity between views: both views of a sample share its description.
-    similarity = similarity.repeat(2, 2)
-    n = z.shape[0]
-    self_mask = torch.eye(n, dtype=torch.bool)
-    logits = (z @ z.T / temperature).masked_fill(self_mask, -math.inf)
-    # A sample's other view is identical to it: similarity 1.
-    similarity = similarity.clone()
-    index = torch.arange(n)
-    similarity[index, (index + n // 2) % n] = 1.0
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool)
+    # Both views of a sample share its description.
+    rows = torch.cat([targets, targets])
+    similarity = torch.tensor(
+        [[_similarity(a, b) for b in rows] for a in rows], dtype=z.dtype
+    )
     target_probs = torch.softmax(
         (similarity / target_temperature).masked_fill(self_mask, -math.inf), dim=1
     )
+    logits = (z @ z.T / temperature).masked_fill(self_mask, -math.inf)
     log_probs = torch.log_softmax(logits, dim=1).masked_fill(self_mask, 0.0)
     return -(target_probs * log_probs).sum(dim=1).mean()
 
 
+def _calc_xclr_loss_memory_bank_manual(
+    out0: Tensor,
+    out1: Tensor,
+    targets: Tensor,
+    bank: Tensor,
+    bank_targets: Sequence[Optional[Tensor]],
+    temperature: float,
+    target_temperature: float,
+) -> Tensor:
+    """X-CLR with a memory bank from the bank's entries and their descriptions."""
+    # Bank entries without a description are negatives with no target probability.
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    sim_pos = (out0 * out1).sum(dim=1, keepdim=True)
+    logits = torch.cat([sim_pos, out0 @ bank.T], dim=1) / temperature
+    similarity = torch.tensor(
+        [
+            [1.0]
+            + [-math.inf if t is None else _similarity(row, t) for t in bank_targets]
+            for row in targets
+        ],
+        dtype=out0.dtype,
+    )
+    target_probs = torch.softmax(similarity / target_temperature, dim=1)
+    log_probs = torch.log_softmax(logits, dim=1)
+    return -(target_probs * log_probs).sum(dim=1).mean()
+
+
+def _ddp_worker(
+    rank: int,
+    world_size: int,
+    out0: Tensor,
+    out1: Tensor,
+    targets: Optional[Tensor],
+    memory_bank_size: Tuple[int, int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    # Pool worker: one step per entry of out0 on this rank's slice of the batch.
+    # Returns the loss and the input gradients of the last step. See #1982.
+    torch.manual_seed(0)  # The same initial memory bank on all ranks.
+    loss_fn = XCLRLoss(memory_bank_size=memory_bank_size, gather_distributed=True)
+    n = out0.shape[1] // world_size
+    local = slice(rank * n, (rank + 1) * n)
+    for step in range(len(out0)):
+        x0 = out0[step, local].clone().requires_grad_()
+        x1 = out1[step, local].clone().requires_grad_()
+        loss = loss_fn(x0, x1, None if targets is None else targets[step, local])
+        loss.backward()
+    assert x0.grad is not None and x1.grad is not None
+    return loss.detach(), x0.grad, x1.grad
+
+
 class TestXCLRLoss:
+    def test__gather_distributed(self, mocker: MockerFixture) -> None:
+        mock_is_available = mocker.patch.object(dist, "is_available", return_value=True)
+        XCLRLoss(gather_distributed=True)
+        mock_is_available.assert_called_once()
+
     def test__gather_distributed_dist_not_available(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, mocker: MockerFixture
     ) -> None:
-        monkeypatch.setattr(dist, "is_available", lambda: False)
-        with pytest.raises(ValueError):
+        mocker.patch.object(dist, "is_available", return_value=False)
+        with pytest.raises(ValueError, match="gather_distributed"):
             XCLRLoss(gather_distributed=True)
 
-    @pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan])
-    def test__invalid_temperature(self, temperature: float) -> None:
-        with pytest.raises(ValueError, match="temperature"):
-            XCLRLoss(temperature=temperature)
-        with pytest.raises(ValueError, match="target_temperature"):
-            XCLRLoss(target_temperature=temperature)
+    @pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
+    def test__invalid_temperature(self, value: float) -> None:
+        with pytest.raises(ValueError, match="Illegal temperature"):
+            XCLRLoss(temperature=value)
+        with pytest.raises(ValueError, match="Illegal target_temperature"):
+            XCLRLoss(target_temperature=value)
 
     @pytest.mark.parametrize("n_samples", [1, 2, 8])
-    @pytest.mark.parametrize("dimension", [1, 16])
+    @pytest.mark.parametrize("memory_bank_size", [0, 1, 17])
     @pytest.mark.parametrize("temperature", [0.1, 1, 10])
+    @pytest.mark.parametrize("unique_labels", [False, True])
     @pytest.mark.parametrize("gather_distributed", [False, True])
-    def test_no_targets_equals_ntxent(
+    def test__equals_ntxent(
         self,
         n_samples: int,
-        dimension: int,
+        memory_bank_size: int,
         temperature: float,
+        unique_labels: bool,
         gather_distributed: bool,
     ) -> None:
-        torch.manual_seed(0)
-        out0 = torch.randn(n_samples, dimension, dtype=torch.float64)
-        out1 = torch.randn(n_samples, dimension, dtype=torch.float64)
-        grads = []
-        losses = []
-        for loss_cls in (NTXentLoss, XCLRLoss):
-            x0 = out0.clone().requires_grad_()
-            x1 = out1.clone().requires_grad_()
-            loss_fn = loss_cls(
-                temperature=temperature, gather_distributed=gather_distributed
-            )
-            loss = loss_fn(x0, x1)
-            loss.backward()
-            assert x0.grad is not None and x1.grad is not None
-            losses.append(loss)
-            grads.append((x0.grad, x1.grad))
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-10)
-        for grad_xclr, grad_ntxent in zip(grads[1], grads[0]):
-            torch.testing.assert_close(grad_xclr, grad_ntxent, rtol=1e-10, atol=1e-10)
-
-    @pytest.mark.parametrize("n_samples", [2, 8])
-    @pytest.mark.parametrize("memory_bank_size", [1, 8, 17])
-    def test_no_targets_equals_ntxent_memory_bank(
-        self, n_samples: int, memory_bank_size: int
-    ) -> None:
+        # No targets, or labels that make only the other view of a sample positive.
         # The banks start from random entries: the same seed gives the same ones.
+        size = (memory_bank_size, 4)
         torch.manual_seed(0)
-        ntxent = NTXentLoss(temperature=0.5, memory_bank_size=(memory_bank_size, 4))
+        ntxent = NTXentLoss(temperature, size, gather_distributed).double()
         torch.manual_seed(0)
-        xclr = XCLRLoss(temperature=0.5, memory_bank_size=(memory_bank_size, 4))
+        xclr = XCLRLoss(temperature, 0.01, size, gather_distributed).double()
         # Several steps, so that the bank fills and wraps around.
-        for _ in range(memory_bank_size // n_samples + 2):
-            out0 = torch.randn(n_samples, 4, requires_grad=True)
-            out1 = torch.randn(n_samples, 4)
-            expected = ntxent(out0, out1)
-            torch.testing.assert_close(xclr(out0, out1), expected)
+        for step in range(memory_bank_size // n_samples + 2):
+            out0 = torch.randn(n_samples, 4, dtype=torch.float64, requires_grad=True)
+            out1 = torch.randn(n_samples, 4, dtype=torch.float64, requires_grad=True)
+            labels = torch.arange(n_samples) + step * n_samples
+            loss = xclr(out0, out1, labels if unique_labels else None)
+            _assert_close_with_grads(loss, ntxent(out0, out1), (out0, out1))
 
-    @pytest.mark.parametrize("n_samples", [2, 5, 16])
+    @pytest.mark.parametrize("n_samples", [1, 2, 5])
     @pytest.mark.parametrize("temperature", [0.1, 0.5])
     @pytest.mark.parametrize("target_temperature", [0.05, 1.0])
-    def test_with_caption_embeddings(
-        self, n_samples: int, temperature: float, target_temperature: float
+    @pytest.mark.parametrize("targets_kind", ["embeddings", "labels"])
+    def test__equals_manual(
+        self,
+        n_samples: int,
+        temperature: float,
+        target_temperature: float,
+        targets_kind: str,
     ) -> None:
         torch.manual_seed(0)
-        out0 = torch.randn(n_samples, 32, dtype=torch.float64)
-        out1 = torch.randn(n_samples, 32, dtype=torch.float64)
-        captions = torch.randn(n_samples, 8, dtype=torch.float64)
-        loss_fn = XCLRLoss(
-            temperature=temperature, target_temperature=target_temperature
-        )
-        loss = loss_fn(out0, out1, captions)
+        out0 = torch.randn(n_samples, 8, dtype=torch.float64, requires_grad=True)
+        out1 = torch.randn(n_samples, 8, dtype=torch.float64, requires_grad=True)
+        targets = _make_targets(targets_kind, n_samples)
+        loss = XCLRLoss(temperature, target_temperature)(out0, out1, targets)
         expected = _calc_xclr_loss_manual(
-            out0, out1, captions, temperature, target_temperature
+            out0, out1, targets, temperature, target_temperature
         )
-        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+        _assert_close_with_grads(loss, expected, (out0, out1))
 
-    @pytest.mark.parametrize("n_samples", [2, 6])
-    def test_with_labels(self, n_samples: int) -> None:
+    @pytest.mark.parametrize("memory_bank_size", [3, 8, 13])
+    @pytest.mark.parametrize("targets_kind", ["embeddings", "labels"])
+    def test__memory_bank_with_targets(
+        self, memory_bank_size: int, targets_kind: str
+    ) -> None:
         torch.manual_seed(0)
-        out0 = torch.randn(n_samples, 16, dtype=torch.float64)
-        out1 = torch.randn(n_samples, 16, dtype=torch.float64)
-        labels = torch.arange(n_samples) % 2
-        loss = XCLRLoss(target_temperature=0.1)(out0, out1, labels)
-        expected = _calc_xclr_loss_manual(out0, out1, labels, 0.1, 0.1)
-        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
-
-    def test_gradient_matches_dense(self) -> None:
-        torch.manual_seed(0)
-        out0 = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
-        out1 = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
-        captions = torch.randn(6, 4, dtype=torch.float64)
-        XCLRLoss()(out0, out1, captions).backward()
-        assert out0.grad is not None and out1.grad is not None
-        grad0, grad1 = torch.autograd.grad(
-            _calc_xclr_loss_manual(out0, out1, captions, 0.1, 0.1), (out0, out1)
-        )
-        torch.testing.assert_close(out0.grad, grad0, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(out1.grad, grad1, rtol=1e-10, atol=1e-10)
-
-    @pytest.mark.parametrize("chunk_size", [None, 2])
-    def test_second_derivatives_match_dense(self, chunk_size: Optional[int]) -> None:
-        # create_graph=True (gradient penalties): the Hessian term is kept.
-        torch.manual_seed(0)
-        out0 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-        out1 = torch.randn(5, 4, dtype=torch.float64)
-        captions = torch.randn(5, 3, dtype=torch.float64)
-        penalties = []
-        for loss_fn in (
-            XCLRLoss(chunk_size=chunk_size),
-            lambda a, b, c: _calc_xclr_loss_manual(a, b, c, 0.1, 0.1),
-        ):
-            (grad,) = torch.autograd.grad(
-                loss_fn(out0, out1, captions), out0, create_graph=True
+        n_samples, dim = 4, 6
+        loss_fn = XCLRLoss(0.2, 0.5, (memory_bank_size, dim)).double()
+        # The descriptions the bank should hold, tracked as lightly's bank fills:
+        # from the pointer on, truncated at the end of the bank.
+        bank_targets: List[Optional[Tensor]] = [None] * memory_bank_size
+        ptr = 0
+        for step in range(memory_bank_size // n_samples + 3):
+            # Every third step is an evaluation step: no gradient, no bank update.
+            update = step % 3 != 2
+            out0 = torch.randn(n_samples, dim, dtype=torch.float64)
+            out0.requires_grad_(update)
+            out1 = torch.randn(n_samples, dim, dtype=torch.float64)
+            targets = _make_targets(targets_kind, n_samples)
+            bank = loss_fn.memory_bank.bank.clone()
+            loss = loss_fn(out0, out1, targets)
+            expected = _calc_xclr_loss_memory_bank_manual(
+                out0, out1, targets, bank, bank_targets, 0.2, 0.5
             )
-            penalties.append(torch.autograd.grad(grad.pow(2).sum(), out0)[0])
-        torch.testing.assert_close(*penalties, rtol=1e-10, atol=1e-10)
+            if not update:
+                torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+                continue
+            _assert_close_with_grads(loss, expected, (out0,))
+            end = min(memory_bank_size, ptr + n_samples)
+            bank_targets[ptr:end] = list(targets[: end - ptr])
+            # The bank's entries are the keys that belong to these descriptions.
+            keys = F.normalize(out1[: end - ptr], dim=1)
+            torch.testing.assert_close(loss_fn.memory_bank.bank[ptr:end], keys)
+            ptr = end if end < memory_bank_size else 0
 
-    def test_distinct_captions_low_target_temperature_equals_ntxent(self) -> None:
+    def test__memory_bank_with_targets_size_without_dim(self) -> None:
+        # Deprecated on lightly master, an error in lightly 1.6: the bank is
+        # initialized in the first forward pass.
+        try:
+            loss_fn = XCLRLoss(memory_bank_size=8)
+        except ValueError:
+            pytest.skip("memory_bank_size needs the feature dimension")
+        # Until then the bank's pointer is uninitialized memory.
+        loss_fn.memory_bank.bank_ptr.fill_(3)
+        for step in range(3):
+            out0 = torch.randn(4, 6, requires_grad=True)
+            out1 = torch.randn(4, 6)
+            labels = torch.arange(4) + 4 * step
+            loss_fn(out0, out1, labels)
+            ptr = 4 * step % 8
+            assert loss_fn.bank_targets is not None
+            assert torch.equal(loss_fn.bank_targets[ptr : ptr + 4], labels)
+            bank = loss_fn.memory_bank.bank[ptr : ptr + 4]
+            torch.testing.assert_close(bank, F.normalize(out1, dim=1))
+
+    @pytest.mark.DDP
+    @pytest.mark.skipif(not USE_PYTEST_POOL, reason="DDP pool is not available")
+    @pytest.mark.parametrize("kind", [None, "embeddings", "labels"])
+    @pytest.mark.parametrize("memory_bank_size", [(0, 8), (10, 8)])
+    def test__gather_distributed_matches_non_distributed(
+        self, kind: Optional[str], memory_bank_size: Tuple[int, int]
+    ) -> None:
+        # Two steps (the second one reads the bank the first one filled) on a global
+        # batch of 2 * 3 samples, split over the processes.
         torch.manual_seed(0)
-        out0 = torch.randn(8, 16, dtype=torch.float64)
-        out1 = torch.randn(8, 16, dtype=torch.float64)
-        # Orthogonal captions: only the other view is similar.
-        captions = torch.eye(8, dtype=torch.float64)
-        loss = XCLRLoss(temperature=0.5, target_temperature=1e-3)(out0, out1, captions)
-        expected = NTXentLoss(temperature=0.5)(out0, out1)
-        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+        batch_size = 3 * NUM_PROCESSES
+        out0 = torch.randn(2, batch_size, 8, dtype=torch.float64)
+        out1 = torch.randn(2, batch_size, 8, dtype=torch.float64)
+        targets = None if kind is None else _make_targets(kind, 2, batch_size)
+        results = pytest.pool.starmap(  # type: ignore[attr-defined]
+            _ddp_worker,
+            [
+                (rank, NUM_PROCESSES, out0, out1, targets, memory_bank_size)
+                for rank in range(NUM_PROCESSES)
+            ],
+        )
+        # Without a process group the worker is a single process.
+        expected = _ddp_worker(0, 1, out0, out1, targets, memory_bank_size)
 
-    @pytest.mark.parametrize("chunk_size", [1, 3, 8])
-    def test_chunk_size(self, chunk_size: int) -> None:
-        torch.manual_seed(0)
-        out0 = torch.randn(7, 8, dtype=torch.float64)
-        out1 = torch.randn(7, 8, dtype=torch.float64)
-        captions = torch.randn(7, 4, dtype=torch.float64)
-        results = []
-        for size in (None, chunk_size):
-            x0 = out0.clone().requires_grad_()
-            x1 = out1.clone().requires_grad_()
-            loss = XCLRLoss(chunk_size=size)(x0, x1, captions)
-            loss.backward()
-            results.append((loss, x0.grad, x1.grad))
-        for chunked, dense in zip(results[1], results[0]):
-            torch.testing.assert_close(chunked, dense, rtol=1e-10, atol=1e-10)
-
-    def test_forward_pass_symmetry(self) -> None:
-        loss = XCLRLoss()
-        for bsz in range(2, 20):
-            batch_1 = torch.randn((bsz, 32))
-            batch_2 = torch.randn((bsz, 32))
-            captions = torch.randn((bsz, 8))
-            l1 = loss(batch_1, batch_2, captions)
-            l2 = loss(batch_2, batch_1, captions)
-            assert float(l1) == pytest.approx(float(l2), abs=1e-5)
-
-    def test__invalid_targets(self) -> None:
-        loss = XCLRLoss()
-        out0, out1 = torch.randn(4, 8), torch.randn(4, 8)
-        with pytest.raises(ValueError, match="targets"):
-            loss(out0, out1, torch.randn(3, 8))
-        with pytest.raises(ValueError, match="targets"):
-            loss(out0, out1, torch.rand(4))
+        # The mean of the processes' losses is the loss of the global batch. DDP
+        # averages gradients over processes: each process holds world_size times
+        # the gradient of the global loss with respect to its inputs.
+        losses = torch.stack([result[0] for result in results])
+        torch.testing.assert_close(losses.mean(), expected[0], rtol=1e-10, atol=1e-10)
+        for i in (1, 2):
+            grad = torch.cat([result[i] for result in results]) / NUM_PROCESSES
+            torch.testing.assert_close(grad, expected[i], rtol=1e-10, atol=1e-10)
