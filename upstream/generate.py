@@ -495,6 +495,22 @@ def _check_no_pep604(block: str) -> None:
                     )
 
 
+#: The flags both open_clip patches add to ``open_clip_train/params.py`` (3.x and main).
+OPEN_CLIP_FLAGS = """    parser.add_argument(
+        "--xclr",
+        default=False,
+        action="store_true",
+        help='Use X-CLR loss: soft targets from the similarity of the batch\\'s text features.'
+    )
+    parser.add_argument(
+        "--xclr-target-temperature",
+        type=float,
+        default=0.1,
+        help='Temperature of the X-CLR soft targets (smaller values approach the CLIP loss).'
+    )
+"""
+
+
 def open_clip_changes() -> list[FileChange]:
     require_version("open_clip_torch", OPEN_CLIP_VERSION)
     site = installed_root("open_clip")
@@ -560,19 +576,7 @@ def open_clip_changes() -> list[FileChange]:
         help='Use SigLip (sigmoid) loss.'
     )
 """,
-        """    parser.add_argument(
-        "--xclr",
-        default=False,
-        action="store_true",
-        help='Use X-CLR loss: soft targets from the similarity of the batch\\'s text features.'
-    )
-    parser.add_argument(
-        "--xclr-target-temperature",
-        type=float,
-        default=0.1,
-        help='Temperature of the X-CLR soft targets (smaller values approach the CLIP loss).'
-    )
-""",
+        OPEN_CLIP_FLAGS,
         what=params_path,
     )
     test_path = "tests/test_xclr_loss.py"

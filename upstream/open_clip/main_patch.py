@@ -103,19 +103,9 @@ def apply(root: Path) -> None:
 """,
         """        help='Use SigLip (sigmoid) loss.'
     )
-    parser.add_argument(
-        "--xclr",
-        default=False,
-        action="store_true",
-        help='Use X-CLR loss: soft targets from the similarity of the batch\\'s text features.'
-    )
-    parser.add_argument(
-        "--xclr-target-temperature",
-        type=float,
-        default=0.1,
-        help='Temperature of the X-CLR soft targets (smaller values approach the CLIP loss).'
-    )
-    parser.add_argument(
+"""
+        + generate.OPEN_CLIP_FLAGS
+        + """    parser.add_argument(
         "--xclr-chunk-size",
         type=int,
         default=0,
