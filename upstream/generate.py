@@ -517,7 +517,7 @@ def open_clip_changes() -> list[FileChange]:
     block, stdlib_used, typing_used = open_clip_loss_block()
 
     loss_path = "open_clip/loss.py"
-    loss_old = (site / loss_path).read_text()
+    loss_old = read_exact(site / loss_path)
     typing_names = ", ".join(sorted({"Optional"} | typing_used))
     header = (
         "".join(f"import {m}\n" for m in sorted(stdlib_used))
@@ -529,7 +529,7 @@ def open_clip_changes() -> list[FileChange]:
     loss_new = loss_new.rstrip("\n") + "\n\n\n" + block
 
     factory_path = "open_clip/factory.py"
-    factory_old = (site / factory_path).read_text()
+    factory_old = read_exact(site / factory_path)
     factory_new = replace_once(
         factory_old,
         "from .loss import ClipLoss, DistillClipLoss, CoCaLoss, SigLipLoss\n",
@@ -558,7 +558,7 @@ def open_clip_changes() -> list[FileChange]:
     )
 
     init_path = "open_clip/__init__.py"
-    init_old = (site / init_path).read_text()
+    init_old = read_exact(site / init_path)
     init_new = replace_once(
         init_old,
         "from .loss import ClipLoss, DistillClipLoss, CoCaLoss\n",
@@ -567,7 +567,7 @@ def open_clip_changes() -> list[FileChange]:
     )
 
     params_path = "open_clip_train/params.py"
-    params_old = (site / params_path).read_text()
+    params_old = read_exact(site / params_path)
     params_new = insert_after(
         params_old,
         """        "--siglip",
@@ -588,7 +588,7 @@ def open_clip_changes() -> list[FileChange]:
         FileChange(
             test_path,
             None,
-            (UPSTREAM / "open_clip" / "files" / test_path).read_text(),
+            read_exact(UPSTREAM / "open_clip" / "files" / test_path),
         ),
     ]
 
