@@ -93,7 +93,10 @@ def replace_once(text: str, old: str, new: str, *, what: str) -> str:
 
 def read_exact(path: Path) -> str:
     """The file's text with its line endings as they are (the blob ids depend on them)."""
-    return path.read_bytes().decode("utf-8")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise GenerateError(f"{path} is missing.") from None
 
 
 def blob_id(text: str) -> str:
